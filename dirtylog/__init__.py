@@ -1,0 +1,1 @@
+"""The `dirtylog` command line: the only place where errors become exit codes."""

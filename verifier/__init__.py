@@ -1,0 +1,1 @@
+"""Turns guest artifacts (described by their manifest) into a verdict on a live migration."""
