@@ -1,0 +1,162 @@
+"""Driving one precopy migration from start to convergence, as the 2014 procedure did by hand.
+
+Policy: a migration that completes in a single pass tests nothing. So, unless the user fixed the
+bandwidth, the source is first held at a low bandwidth and a 1 ms downtime limit until the dirty
+bitmap has been synced `min_passes` times while the workload keeps writing; then the bandwidth is
+released and the downtime limit raised step by step (the seed's `migrate_set_downtime`) until the
+migration converges, under a hard timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import MigrationError, QemuError
+from .qemu import QemuProcess
+
+MiB = 1024 * 1024
+UNLIMITED_BANDWIDTH = 100 * 1024 * MiB  # bytes/s; far above what a local migration reaches
+DOWNTIME_STEPS_MS = (50, 100, 200, 400, 800, 1600, 3200, 6400, 12800)
+
+
+@dataclass
+class MigrationPolicy:
+    max_bandwidth: int | None = None  # bytes/s fixed by the user; None = throttle, then release
+    throttle_bandwidth: int = 50 * 1000 * 1000
+    min_passes: int = 4
+    timeout_s: float = 180.0
+    poll_interval_s: float = 0.1
+    capabilities: dict[str, bool] = field(default_factory=dict)
+    parameters: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass
+class MigrationResult:
+    figures: dict
+    samples: int
+    parameter_changes: list[dict]
+    warnings: list[str]
+
+
+def _ram(info: dict) -> dict:
+    return info.get("ram") or {}
+
+
+def configure(src: QemuProcess, dst: QemuProcess, policy: MigrationPolicy) -> None:
+    """Capabilities must match on both sides; parameters only matter on the source."""
+    if policy.capabilities:
+        caps = [{"capability": k, "state": v} for k, v in policy.capabilities.items()]
+        for side in (src, dst):
+            side.qmp("migrate-set-capabilities", capabilities=caps)
+    if policy.parameters:
+        src.qmp("migrate-set-parameters", **policy.parameters)
+
+
+def run_migration(src: QemuProcess, dst: QemuProcess, uri: str, policy: MigrationPolicy,
+                  timeline_path: Path, progress=None) -> MigrationResult:
+    """Migrate src to dst (already listening on `uri`) and return the migration's figures.
+
+    On return the source is `postmigrate` and the destination `paused`, neither has resumed.
+    `progress`, when given, is called with each query-migrate sample.
+    """
+    changes: list[dict] = []
+    t0 = time.monotonic()
+
+    def set_params(**params) -> None:
+        src.qmp("migrate-set-parameters", **params)
+        changes.append({"t": round(time.monotonic() - t0, 3), **params})
+
+    configure(src, dst, policy)
+    forcing = policy.min_passes > 1
+    if policy.max_bandwidth is not None:
+        set_params(**{"max-bandwidth": policy.max_bandwidth})
+    elif forcing:
+        set_params(**{"max-bandwidth": policy.throttle_bandwidth})
+    else:
+        set_params(**{"max-bandwidth": UNLIMITED_BANDWIDTH})
+    if forcing:
+        set_params(**{"downtime-limit": 1})
+    step = 0
+    steps_at_sync: int | None = None
+    samples = 0
+    peak_dirty_rate = 0
+    src.qmp("migrate", uri=uri)
+    with open(timeline_path, "w") as timeline:
+        while True:
+            info = src.qmp("query-migrate")
+            now = time.monotonic() - t0
+            status = info.get("status", "none")
+            ram = _ram(info)
+            sync = ram.get("dirty-sync-count", 0)
+            peak_dirty_rate = max(peak_dirty_rate, ram.get("dirty-pages-rate", 0))
+            timeline.write(json.dumps({"t": round(now, 3), "status": status, "ram": ram,
+                                       "expected-downtime": info.get("expected-downtime")}) + "\n")
+            samples += 1
+            if progress is not None:
+                progress(info)
+            if status == "completed":
+                break
+            if status in ("failed", "cancelled"):
+                raise MigrationError(f"migration {status}: {info.get('error-desc', 'no reason given')}")
+            if not dst.alive():
+                raise MigrationError(f"destination QEMU died during the migration: {dst.output_tail()}")
+            if forcing and sync >= policy.min_passes:
+                forcing = False
+                if policy.max_bandwidth is None:
+                    set_params(**{"max-bandwidth": UNLIMITED_BANDWIDTH})
+                set_params(**{"downtime-limit": DOWNTIME_STEPS_MS[0]})
+                steps_at_sync = sync
+            elif (not forcing and steps_at_sync is not None and sync > steps_at_sync
+                  and step + 1 < len(DOWNTIME_STEPS_MS)):
+                # One more pass did not converge: allow a longer stop, as the seed did by hand.
+                step += 1
+                steps_at_sync = sync
+                set_params(**{"downtime-limit": DOWNTIME_STEPS_MS[step]})
+            if now > policy.timeout_s:
+                try:
+                    src.qmp("migrate_cancel")
+                except QemuError:
+                    pass
+                raise MigrationError(
+                    f"migration did not converge within {policy.timeout_s:.0f} s: {sync} dirty syncs, "
+                    f"{ram.get('remaining', '?')} bytes remaining, dirty rate "
+                    f"{ram.get('dirty-pages-rate', '?')} pages/s (raise --max-bandwidth or lower the workload)")
+            time.sleep(policy.poll_interval_s)
+    _wait_status(src, ("postmigrate",), 30)
+    _wait_status(dst, ("paused",), 30)
+    ram = _ram(info)
+    figures = {
+        "status": info.get("status"),
+        "total_time_ms": info.get("total-time"),
+        "downtime_ms": info.get("downtime"),
+        "setup_time_ms": info.get("setup-time"),
+        "dirty_sync_count": ram.get("dirty-sync-count"),
+        "transferred_bytes": ram.get("transferred"),
+        "ram_total_bytes": ram.get("total"),
+        "normal_pages": ram.get("normal"),
+        "duplicate_pages": ram.get("duplicate"),
+        "mbps": ram.get("mbps"),
+        "peak_dirty_pages_rate": peak_dirty_rate,
+        "final_downtime_limit_ms": DOWNTIME_STEPS_MS[step] if steps_at_sync is not None else None,
+    }
+    warnings = []
+    if (ram.get("dirty-sync-count") or 0) <= 2:
+        warnings.append(
+            f"the migration completed after {ram.get('dirty-sync-count')} dirty-bitmap syncs: a "
+            "single pass while the workload ran tests little (use --min-passes or lower --max-bandwidth)")
+    return MigrationResult(figures=figures, samples=samples, parameter_changes=changes, warnings=warnings)
+
+
+def _wait_status(proc: QemuProcess, wanted: tuple[str, ...], timeout: float) -> str:
+    """`completed` may arrive while the source is still in finish-migrate: wait for the state."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = proc.status()
+        if status in wanted:
+            return status
+        if time.monotonic() > deadline:
+            raise MigrationError(f"{proc.name} QEMU stayed '{status}' instead of reaching {'/'.join(wanted)}")
+        time.sleep(0.05)
