@@ -1,0 +1,279 @@
+"""`dirtylog`: build guest artifacts, verify dirty page logging across a live migration, compare.
+
+Exit codes: 0 pass, 1 verification found differences, 2 usage or input error,
+3 infrastructure failure (QEMU crashed, migration failed, download failed), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import sys
+from pathlib import Path
+
+import click
+
+from builder.errors import BuildError
+from verifier.errors import VerifyError
+
+EXIT_PASS, EXIT_DIFFERENCES, EXIT_USAGE, EXIT_INFRA, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kKmMgGtT]i?)?[bB]?(?:/s)?")
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+class ByteRate(click.ParamType):
+    """50000000, 50M (10^6) or 48Mi (2^20): bytes per second."""
+
+    name = "BYTES_PER_S"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        m = _SIZE.fullmatch(str(value).strip())
+        if not m:
+            self.fail(f"{value!r} is not a byte rate (e.g. 50000000, 50M, 48Mi)", param, ctx)
+        n = int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
+        if n <= 0:
+            self.fail(f"{value!r} must be greater than 0", param, ctx)
+        return n
+
+
+class WorkloadSpec(click.ParamType):
+    name = "TOTAL:DIRTY:INTERVAL_MS"
+
+    def convert(self, value, param, ctx):
+        from verifier.errors import InputError
+        from verifier.workload import Workload, parse_workload
+        if isinstance(value, Workload):
+            return value
+        try:
+            return parse_workload(value)
+        except InputError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+class Console:
+    """Progress lines on stderr: plain in CI logs, nothing with --quiet."""
+
+    def __init__(self, quiet: bool = False, verbose: bool = False):
+        self.quiet = quiet
+        self.verbose = verbose
+        self._last_sync = None
+
+    def step(self, msg: str) -> None:
+        if not self.quiet:
+            click.echo(f"dirtylog: {msg}", err=True)
+
+    def migration(self, info: dict) -> None:
+        ram = info.get("ram") or {}
+        sync = ram.get("dirty-sync-count")
+        if self.quiet or sync == self._last_sync:
+            return
+        self._last_sync = sync
+        click.echo(f"dirtylog:   {info.get('status')}: dirty sync {sync}, "
+                   f"{ram.get('remaining', 0) / 1e6:.1f} MB remaining, "
+                   f"{ram.get('transferred', 0) / 1e6:.1f} MB sent, "
+                   f"dirty rate {ram.get('dirty-pages-rate', 0)} pages/s", err=True)
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"dirtylog: error: {message}", err=True)
+    sys.exit(code)
+
+
+def _sigterm(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv=None) -> None:
+    """Entry point: the only place where exceptions become exit codes."""
+    signal.signal(signal.SIGTERM, _sigterm)
+    try:
+        cli.main(args=argv, prog_name="dirtylog", standalone_mode=False)
+    except click.exceptions.Abort:
+        _fail("interrupted", EXIT_INTERRUPTED)
+    except KeyboardInterrupt:
+        _fail("interrupted; every QEMU was stopped", EXIT_INTERRUPTED)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code if exc.exit_code else EXIT_USAGE)
+    except (BuildError, VerifyError) as exc:
+        _fail(str(exc), exc.exit_code)
+    except OSError as exc:
+        _fail(f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""), EXIT_INFRA)
+    sys.exit(EXIT_PASS)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-v", "--verbose", is_flag=True, help="Show QEMU command lines and more detail.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the verdict.")
+@click.version_option(package_name="dirtylog")
+@click.pass_context
+def cli(ctx, verbose, quiet):
+    """Verify that after a live migration the destination's guest RAM is exactly the source's."""
+    ctx.obj = Console(quiet=quiet, verbose=verbose)
+
+
+# -- build ----------------------------------------------------------------------------------------
+def build_options(f):
+    f = click.option("--out", "out", type=click.Path(path_type=Path), default=Path("artifacts"),
+                     show_default=True, help="Directory for the artifacts and manifest.json.")(f)
+    f = click.option("--offline", is_flag=True, help="Use only the download cache; say what is missing.")(f)
+    f = click.option("--mirror", metavar="URL",
+                     help="Debian mirror (default: the one in this machine's apt sources).")(f)
+    f = click.option("--cache-dir", type=click.Path(path_type=Path),
+                     help="Download cache (default: $DIRTYLOG_CACHE or ~/.cache/dirtylog).")(f)
+    return f
+
+
+def _build(console, out, offline, mirror, cache_dir):
+    from builder.build import build_artifacts
+    console.step(f"building guest artifacts into {out}")
+    manifest = build_artifacts(out, offline=offline, mirror=mirror, cache_dir=cache_dir, log=console.step)
+    for entry in manifest["files"]:
+        console.step(f"  {entry['name']}  {entry['sha256']}")
+    return manifest
+
+
+@cli.command()
+@build_options
+@click.pass_obj
+def build(console, out, offline, mirror, cache_dir):
+    """Build zImage, guest_a15x2.dtb, initrd.cpio-dirtyram.gz, dirtyram.arm and manifest.json."""
+    _build(console, out, offline, mirror, cache_dir)
+    click.echo(str(out / "manifest.json"))
+
+
+@cli.command("lock")
+@click.option("--refresh", is_flag=True, required=True,
+              help="Rewrite the lock file with the archive's current versions and hashes.")
+@click.option("--mirror", metavar="URL", help="Debian mirror (default: from apt sources).")
+@click.pass_obj
+def lock_cmd(console, refresh, mirror):
+    """Refresh the pinned Debian packages (builder/locks/*.json) to the archive's current versions."""
+    from builder.lock import refresh_lock
+    changes = refresh_lock(mirror=mirror)
+    click.echo(changes if isinstance(changes, str) else json.dumps(changes, indent=2, default=str))
+
+
+# -- verify ---------------------------------------------------------------------------------------
+def verify_options(f):
+    opts = [
+        click.option("--qemu", default="qemu-system-arm", show_default=True, help="QEMU system emulator to test."),
+        click.option("--smp", type=int, default=2, show_default=True, help="Guest vCPUs."),
+        click.option("--mem", "mem_mb", type=int, default=256, show_default=True, help="Guest RAM in MiB."),
+        click.option("--max-bandwidth", type=ByteRate(), default=None,
+                     help="Fix the migration bandwidth (bytes/s; 50M = 50*10^6, 48Mi = 48*2^20). "
+                          "Default: throttled until --min-passes dirty syncs, then released."),
+        click.option("--min-passes", type=click.IntRange(1, 1000), default=4, show_default=True,
+                     help="Dirty-bitmap syncs to force while the workload runs before letting it converge."),
+        click.option("--workload", "workloads", type=WorkloadSpec(), multiple=True,
+                     help="A dirtyram instance TOTAL:DIRTY:INTERVAL_MS in 4 KiB pages; repeatable. "
+                          "Default: the 2014 procedure's 512:512:50 512:512:50 50:50:5."),
+        click.option("--trials", type=click.IntRange(1, 1000), default=1, show_default=True,
+                     help="Independent migrations to run."),
+        click.option("--capture", type=click.Choice(["auto", "backing-file", "pmemsave"]), default="auto",
+                     show_default=True, help="How guest RAM is captured on each side."),
+        click.option("--transport", type=click.Choice(["unix", "tcp"]), default="unix", show_default=True,
+                     help="Migration channel between the two local QEMUs."),
+        click.option("--migration-address", default="127.0.0.1", show_default=True,
+                     help="Address for --transport tcp."),
+        click.option("--migration-timeout", type=float, default=180.0, show_default=True,
+                     help="Seconds before a migration that does not converge is a failure."),
+        click.option("--boot-timeout", type=float, default=120.0, show_default=True,
+                     help="Seconds to wait for the guest's readiness marker."),
+        click.option("--run-dir", type=click.Path(path_type=Path),
+                     help="Where this run's files go (default: ./dirtylog-runs/<time>-<id>)."),
+        click.option("--json", "json_path", type=click.Path(path_type=Path),
+                     help="Also write the JSON report here."),
+        click.option("--delete-images", is_flag=True,
+                     help="Delete the RAM images of trials that passed (failed trials keep theirs)."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _verify(console, artifacts, **kw):
+    from verifier.artifacts import load_artifacts
+    from verifier.run import VerifyOptions, verify
+    from verifier.workload import SEED_WORKLOADS
+    art = load_artifacts(artifacts)
+    for note in art.notes:
+        console.step(f"note: {note}")
+    opts = VerifyOptions(
+        qemu=kw["qemu"], smp=kw["smp"], mem_mb=kw["mem_mb"], max_bandwidth=kw["max_bandwidth"],
+        workloads=tuple(kw["workloads"]) or SEED_WORKLOADS, trials=kw["trials"], run_dir=kw["run_dir"],
+        capture=kw["capture"], transport=kw["transport"], migration_address=kw["migration_address"],
+        min_passes=kw["min_passes"], migration_timeout_s=kw["migration_timeout"],
+        boot_timeout_s=kw["boot_timeout"], delete_images=kw["delete_images"])
+    if kw["json_path"] is not None and not kw["json_path"].parent.is_dir():
+        raise click.BadParameter(f"directory of {kw['json_path']} does not exist", param_hint="--json")
+    report = None
+    try:
+        report = verify(art, opts, reporter=console)
+    finally:
+        if report is not None:
+            report.write(kw["json_path"])
+    text = report.render_text()
+    click.echo(text.splitlines()[0] if console.quiet else text, nl=True)
+    failed = next((t for t in report.trials if t.error), None)
+    if failed is not None:
+        _fail(failed.error, failed.error_exit_code or EXIT_INFRA)
+    sys.exit(report.exit_code)
+
+
+@cli.command("verify")
+@click.option("--artifacts", type=click.Path(path_type=Path), default=Path("artifacts"), show_default=True,
+              help="Directory made by `dirtylog build` (with manifest.json).")
+@verify_options
+@click.pass_obj
+def verify_cmd(console, artifacts, **kw):
+    """Boot source and destination, live-migrate under load, capture and compare guest RAM."""
+    _verify(console, artifacts, **kw)
+
+
+@cli.command("make-and-verify")
+@build_options
+@verify_options
+@click.pass_obj
+def make_and_verify(console, out, offline, mirror, cache_dir, **kw):
+    """The one-shot: build the guest artifacts, then verify a live migration with them."""
+    _build(console, out, offline, mirror, cache_dir)
+    _verify(console, out, **kw)
+
+
+# -- compare --------------------------------------------------------------------------------------
+@cli.command()
+@click.argument("image_a", type=click.Path(path_type=Path))
+@click.argument("image_b", type=click.Path(path_type=Path))
+@click.option("--page-size", type=click.IntRange(512, 1 << 30), default=4096, show_default=True)
+@click.option("--ram-base", default="0x80000000", show_default=True,
+              help="Guest-physical address of the images' first byte (vexpress-a15: 0x80000000).")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the result as JSON.")
+@click.pass_obj
+def compare(console, image_a, image_b, page_size, ram_base, json_path):
+    """Compare two RAM images page by page; exit 0 when identical, 1 listing every differing page."""
+    from verifier.compare import compare_images, guest_phys_addr
+    try:
+        base = int(ram_base, 0)
+    except ValueError:
+        raise click.BadParameter(f"{ram_base!r} is not a number", param_hint="--ram-base") from None
+    result = compare_images(image_a, image_b, page_size=page_size)
+    out = click.get_text_stream("stdout")
+    for p in result.diff_pages:
+        out.write(f"page {p} offset {p * page_size:#x} guest_phys_addr {guest_phys_addr(p, base, page_size):#x}\n")
+    if json_path:
+        json_path.write_text(json.dumps(result.to_dict(max_pages=len(result.diff_pages)), indent=2) + "\n")
+    if result.identical:
+        out.write(f"identical: {result.page_count} pages of {page_size} bytes\n")
+        sys.exit(EXIT_PASS)
+    out.write(f"differ: {result.diff_count} of {result.page_count} pages in {len(result.diff_ranges())} ranges\n")
+    sys.exit(EXIT_DIFFERENCES)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,43 @@
+"""Shared fixtures: real artifacts built once per session with the real builder."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DIRTYLOG = [sys.executable, "-m", "dirtylog.cli"]
+
+
+def run_dirtylog(*args, cwd=None, timeout=900, env=None):
+    """Run the real CLI in a subprocess; returns CompletedProcess with text output."""
+    return subprocess.run([*DIRTYLOG, *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="session")
+def artifacts(tmp_path_factory) -> Path:
+    """Guest artifacts from a real `dirtylog build` (downloads through the shared cache)."""
+    out = tmp_path_factory.mktemp("artifacts")
+    res = run_dirtylog("build", "--out", out)
+    assert res.returncode == 0, res.stderr
+    return out
+
+
+def qemu_processes_under(path: Path) -> list[str]:
+    """Command lines of running QEMU processes whose working directory is below `path`."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+            exe = os.readlink(f"/proc/{pid}/exe")
+        except OSError:
+            continue
+        if "qemu-system" in exe and cwd.startswith(str(path)):
+            found.append(f"{pid} {exe} {cwd}")
+    return found

@@ -1,0 +1,145 @@
+"""End to end: real artifacts, real QEMU processes, real migrations under TCG.
+
+Known fact pinned here (see ENVIRONMENT.md): Debian 12's QEMU 7.2 under multi-threaded TCG with
+bandwidth-limited precopy loses dirty pages; with one vCPU it does not.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import DIRTYLOG, qemu_processes_under, run_dirtylog
+
+pytestmark = pytest.mark.e2e
+
+
+def _report(run_dir: Path) -> dict:
+    return json.loads((run_dir / "report.json").read_text())
+
+
+def test_rebuild_gives_byte_identical_artifacts(artifacts, tmp_path):
+    res = run_dirtylog("build", "--out", tmp_path / "again", "--offline")
+    assert res.returncode == 0, res.stderr
+    first = json.loads((artifacts / "manifest.json").read_text())["files"]
+    second = json.loads((tmp_path / "again" / "manifest.json").read_text())["files"]
+    assert {f["name"]: f["sha256"] for f in first} == {f["name"]: f["sha256"] for f in second}
+    assert {f["name"] for f in first} == {"zImage", "guest_a15x2.dtb", "initrd.cpio-dirtyram.gz", "dirtyram.arm"}
+
+
+def test_single_vcpu_migration_passes_and_keeps_its_evidence(artifacts, tmp_path):
+    run_dir = tmp_path / "run"
+    res = run_dirtylog("verify", "--artifacts", artifacts, "--smp", "1", "--run-dir", run_dir,
+                       "--json", tmp_path / "out.json")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.startswith("dirtylog verify: PASS")
+    report = _report(run_dir)
+    assert report == json.loads((tmp_path / "out.json").read_text())
+    trial = report["trials"][0]
+    assert trial["verdict"] == "pass"
+    assert trial["compare"]["diff_count"] == 0
+    assert trial["compare"]["page_count"] == 256 * 256
+    # The default policy forces several dirty-bitmap passes while the workload runs.
+    assert trial["migration"]["dirty_sync_count"] >= 4
+    assert trial["migration"]["transferred_bytes"] > 0
+    tdir = run_dir / "trial-01"
+    for name in ("serial-src.log", "serial-dst.log", "qmp-src.log", "qmp-dst.log", "timeline.jsonl",
+                 "ram-src.img", "ram-dst.img", "cmdline-src.txt"):
+        assert (tdir / name).is_file(), name
+    serial = (tdir / "serial-src.log").read_text(errors="replace")
+    assert "DIRTYLOG-READY n=3" in serial
+    assert serial.count("initial pass done") == 3
+    # The destination guest ran after the migration: it answered on its console.
+    assert "dirtylog-alive-" in (tdir / "serial-dst.log").read_text(errors="replace")
+    assert (tdir / "ram-src.img").stat().st_size == 256 << 20
+    assert qemu_processes_under(tmp_path) == []
+    # The kept images compare equal with the standalone command too.
+    res = run_dirtylog("compare", tdir / "ram-src.img", tdir / "ram-dst.img")
+    assert res.returncode == 0 and "identical" in res.stdout
+
+
+def test_multithreaded_tcg_with_limited_bandwidth_is_reported_as_stale_pages(artifacts, tmp_path):
+    """QEMU 7.2 MTTCG loses dirty bits (15 of 16 runs measured): three trials all passing would
+    be a 1-in-4096 event, so this pins the FAIL verdict and the listing of the lost pages."""
+    run_dir = tmp_path / "run"
+    res = run_dirtylog("verify", "--artifacts", artifacts, "--smp", "2", "--max-bandwidth", "50M",
+                       "--trials", "3", "--run-dir", run_dir)
+    report = _report(run_dir)
+    if report["qemu"]["version"].split(".")[0] != "7":
+        pytest.skip(f"the lost-dirty-page bug is pinned for Debian's QEMU 7.2, not {report['qemu']['version']}")
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert report["verdict"] == "fail"
+    failed = [t for t in report["trials"] if t["verdict"] == "fail"]
+    assert failed
+    for t in failed:
+        assert t["compare"]["diff_count"] > 0
+        assert t["differences"], "every differing page must be listed"
+        kinds = {d["diagnosis"] for d in t["differences"]}
+        assert "stale" in kinds, kinds
+        assert "impossible" not in kinds
+        for d in t["differences"]:
+            assert int(d["start"], 16) >= 0x80000000
+    assert "stale" in res.stdout
+
+
+def test_pmemsave_capture_gives_the_same_verdict(artifacts, tmp_path):
+    run_dir = tmp_path / "run"
+    res = run_dirtylog("verify", "--artifacts", artifacts, "--smp", "1", "--capture", "pmemsave",
+                       "--transport", "tcp", "--workload", "256:64:20", "--run-dir", run_dir, "--delete-images")
+    assert res.returncode == 0, res.stdout + res.stderr
+    report = _report(run_dir)
+    assert report["capture"] == "pmemsave"
+    assert report["trials"][0]["images_deleted"] is True
+    assert not (run_dir / "trial-01" / "ram-src.img").exists()
+
+
+def test_ctrl_c_during_migration_stops_every_qemu_and_exits_130(artifacts, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([*DIRTYLOG, "verify", "--artifacts", str(artifacts), "--smp", "1",
+                             "--max-bandwidth", "2M", "--run-dir", str(run_dir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        timeline = run_dir / "trial-01" / "timeline.jsonl"
+        if timeline.exists() and timeline.stat().st_size > 0:
+            break
+        time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("migration never started")
+    assert len(qemu_processes_under(tmp_path)) == 2
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err
+    assert "Traceback" not in err
+    assert qemu_processes_under(tmp_path) == []
+
+
+def test_destination_qemu_killed_mid_migration_is_an_infrastructure_failure(artifacts, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([*DIRTYLOG, "verify", "--artifacts", str(artifacts), "--smp", "1",
+                             "--max-bandwidth", "2M", "--run-dir", str(run_dir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        timeline = run_dir / "trial-01" / "timeline.jsonl"
+        if timeline.exists() and timeline.stat().st_size > 0:
+            break
+        time.sleep(0.2)
+    dst = [p for p in qemu_processes_under(tmp_path) if p]
+    pids = [int(line.split()[0]) for line in dst
+            if b"-incoming" in Path(f"/proc/{line.split()[0]}/cmdline").read_bytes()]
+    assert len(pids) == 1
+    os.kill(pids[0], signal.SIGKILL)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 3, out + err
+    assert err.strip().splitlines()[-1].startswith("dirtylog: error:")
+    assert "Traceback" not in err
+    assert qemu_processes_under(tmp_path) == []
+    assert _report(run_dir)["verdict"] == "error"

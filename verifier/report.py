@@ -1,0 +1,195 @@
+"""Results of a verification run: per-trial findings, the verdict, JSON and text reports."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shlex
+import statistics
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .compare import CompareResult, guest_phys_addr
+
+REPORT_SCHEMA = "dirtylog-report/1"
+MAX_RANGES_IN_TEXT = 40
+
+
+@dataclass
+class TrialResult:
+    index: int
+    directory: Path
+    verdict: str = "pending"  # pass | fail | error
+    error: str | None = None
+    error_exit_code: int | None = None
+    migration: dict = field(default_factory=dict)
+    parameter_changes: list = field(default_factory=list)
+    compare: dict = field(default_factory=dict)
+    differences: list = field(default_factory=list)
+    destination_invariant: list = field(default_factory=list)
+    warnings: list = field(default_factory=list)
+    timings: dict = field(default_factory=dict)
+    images: dict = field(default_factory=dict)
+    images_deleted: bool = False
+    cmdlines: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["directory"] = str(self.directory)
+        return d
+
+
+def diagnose_trial(trial: TrialResult, result: CompareResult, ram_base: int) -> None:
+    """Turn a comparison into the trial's verdict and its list of differing ranges."""
+    trial.compare = result.to_dict()
+    trial.compare["ram_base"] = hex(ram_base)
+    try:
+        from . import diagnosis
+    except ImportError:  # pragma: no cover - diagnosis is part of the package
+        diagnosis = None
+    if diagnosis is not None and result.diff_count:
+        trial.differences = diagnosis.diagnose(result, ram_base)
+    else:
+        trial.differences = [
+            {"first_page": a, "last_page": b, "pages": b - a + 1,
+             "start": hex(guest_phys_addr(a, ram_base)),
+             "end": hex(guest_phys_addr(b + 1, ram_base) - 1)}
+            for a, b in result.diff_ranges()]
+    trial.verdict = "pass" if result.identical else "fail"
+
+
+@dataclass
+class RunReport:
+    run_dir: Path
+    started: str
+    options: dict
+    artifacts: dict
+    qemu: dict
+    machine: str
+    capture: str
+    trials: list[TrialResult] = field(default_factory=list)
+    finished: str | None = None
+    interrupted: bool = False
+    command: str = ""
+
+    @classmethod
+    def start(cls, run_dir, opts, art, qemu, machine, capture) -> "RunReport":
+        options = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opts).items()}
+        options["workloads"] = [w.spec for w in opts.workloads]
+        return cls(run_dir=run_dir, started=_now(), options=options,
+                   artifacts={"files": art.describe(), "notes": art.notes,
+                              "manifest": art.manifest or None},
+                   qemu={"path": qemu.path, "version": qemu.version_str, "version_text": qemu.version_text},
+                   machine=machine.name, capture=capture,
+                   command=" ".join(shlex.quote(a) for a in ["dirtylog", *sys.argv[1:]]))
+
+    def finish(self) -> None:
+        self.finished = _now()
+
+    @property
+    def verdict(self) -> str:
+        verdicts = [t.verdict for t in self.trials]
+        if self.interrupted:
+            return "interrupted"
+        if "error" in verdicts:
+            return "error"
+        if "fail" in verdicts:
+            return "fail"
+        return "pass" if verdicts and all(v == "pass" for v in verdicts) else "error"
+
+    @property
+    def exit_code(self) -> int:
+        return {"pass": 0, "fail": 1, "interrupted": 130}.get(self.verdict, 3)
+
+    def summary(self) -> dict:
+        lost = [t.compare.get("diff_count", 0) for t in self.trials if t.verdict in ("pass", "fail")]
+        return {
+            "trials": len(self.trials),
+            "passed": sum(t.verdict == "pass" for t in self.trials),
+            "failed": sum(t.verdict == "fail" for t in self.trials),
+            "errors": sum(t.verdict == "error" for t in self.trials),
+            "differing_pages": {"min": min(lost), "median": statistics.median(lost), "max": max(lost)}
+            if lost else None,
+        }
+
+    def to_dict(self) -> dict:
+        return {
+            "schema": REPORT_SCHEMA,
+            "verdict": self.verdict,
+            "exit_code": self.exit_code,
+            "summary": self.summary(),
+            "run_dir": str(self.run_dir),
+            "command": self.command,
+            "started": self.started,
+            "finished": self.finished,
+            "machine": self.machine,
+            "capture": self.capture,
+            "qemu": self.qemu,
+            "options": self.options,
+            "artifacts": self.artifacts,
+            "trials": [t.to_dict() for t in self.trials],
+        }
+
+    def write(self, json_path: Path | None = None) -> list[Path]:
+        """Write report.json and report.txt into the run directory (and JSON where asked)."""
+        data = json.dumps(self.to_dict(), indent=2, default=str) + "\n"
+        written = []
+        targets = [self.run_dir / "report.json"] + ([json_path] if json_path else [])
+        for path in targets:
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(data)
+            os.replace(tmp, path)
+            written.append(path)
+        (self.run_dir / "report.txt").write_text(self.render_text())
+        return written + [self.run_dir / "report.txt"]
+
+    def render_text(self) -> str:
+        s = self.summary()
+        o = self.options
+        lines = [
+            f"dirtylog verify: {self.verdict.upper()}  "
+            f"({s['passed']} passed, {s['failed']} failed, {s['errors']} errors of {s['trials']} trials)",
+            f"run directory: {self.run_dir}",
+            f"QEMU {self.qemu['version']} ({self.qemu['path']}); machine {self.machine}, "
+            f"smp {o['smp']}, {o['mem_mb']} MiB, accel {o['accel']}, capture {self.capture}",
+            f"workloads: {' '.join(o['workloads']) or 'none'}; max bandwidth: "
+            f"{o['max_bandwidth'] if o['max_bandwidth'] else 'throttled for ' + str(o['min_passes']) + ' passes, then released'}",
+        ]
+        if s["differing_pages"] and s["trials"] > 1:
+            d = s["differing_pages"]
+            lines.append(f"differing pages per trial: min {d['min']}, median {d['median']}, max {d['max']}")
+        for t in self.trials:
+            lines.append("")
+            lines.append(_trial_line(t))
+            for w in t.warnings:
+                lines.append(f"  warning: {w}")
+            if t.error:
+                lines.append(f"  error: {t.error}")
+            shown = t.differences[:MAX_RANGES_IN_TEXT]
+            for r in shown:
+                lines.append("  " + r.get("text") if "text" in r else
+                             f"  {r['start']}-{r['end']}  {r['pages']} page(s)")
+            if len(t.differences) > len(shown):
+                lines.append(f"  ... {len(t.differences) - len(shown)} more ranges in report.json")
+            for f in t.destination_invariant[:10]:
+                lines.append("  destination invariant: " + (f.get("text") or json.dumps(f)))
+        return "\n".join(lines) + "\n"
+
+
+def _trial_line(t: TrialResult) -> str:
+    head = f"trial {t.index}: {t.verdict.upper()}"
+    m = t.migration
+    if t.compare:
+        c = t.compare
+        head += (f"  {c['diff_count']} of {c['page_count']} pages differ" if c["diff_count"]
+                 else f"  all {c['page_count']} pages identical")
+    if m:
+        head += (f"; migration {m.get('total_time_ms')} ms, downtime {m.get('downtime_ms')} ms, "
+                 f"{m.get('dirty_sync_count')} dirty syncs, {(m.get('transferred_bytes') or 0) / 1e6:.1f} MB sent")
+    return head
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

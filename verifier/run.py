@@ -1,0 +1,203 @@
+"""One verification: boot source and destination, migrate under load, capture, compare, verdict.
+
+Everything a run produces lives under one run directory, one sub-directory per trial:
+serial logs, QMP logs, QEMU command lines and output, the migration timeline, both RAM images
+and the reports.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import secrets
+import shutil
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import capture as _capture
+from .artifacts import GuestArtifacts
+from .compare import compare_images
+from .errors import InputError, MigrationError, QemuError, VerifyError
+from .migration import MigrationPolicy, run_migration
+from .qemu import MACHINES, GuestConfig, QemuBinary, QemuProcess, machine_args, probe_qemu
+from .report import RunReport, TrialResult, diagnose_trial
+from .workload import SEED_WORKLOADS, Workload, check_fits, kernel_cmdline_arg
+
+READY_RE = r"DIRTYLOG-READY n=(\d+)|DIRTYLOG-FAILED[^\n]*|Kernel panic[^\n]*"
+
+
+@dataclass
+class VerifyOptions:
+    qemu: str = "qemu-system-arm"
+    smp: int = 2
+    mem_mb: int = 256
+    max_bandwidth: int | None = None
+    workloads: tuple[Workload, ...] = SEED_WORKLOADS
+    trials: int = 1
+    run_dir: Path | None = None
+    capture: str = "auto"
+    transport: str = "unix"
+    migration_address: str = "127.0.0.1"
+    min_passes: int = 4
+    accel: str = "tcg"
+    boot_timeout_s: float = 120.0
+    settle_s: float = 1.0
+    migration_timeout_s: float = 180.0
+    delete_images: bool = False
+    extra_append: str = ""
+
+    def check(self, art: GuestArtifacts) -> None:
+        if self.smp < 1 or self.smp > 8:
+            raise InputError(f"--smp {self.smp}: must be between 1 and 8")
+        if self.mem_mb < art.min_mem_mb:
+            raise InputError(f"--mem {self.mem_mb}: these artifacts need at least {art.min_mem_mb} MiB "
+                             f"(the kernel does not boot with less)")
+        if self.trials < 1:
+            raise InputError("--trials must be at least 1")
+        if self.max_bandwidth is not None and self.max_bandwidth <= 0:
+            raise InputError("--max-bandwidth must be a positive number of bytes per second")
+        if self.transport not in ("unix", "tcp"):
+            raise InputError(f"--transport {self.transport}: expected unix or tcp")
+        check_fits(self.workloads, self.mem_mb)
+
+
+def default_run_dir() -> Path:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("dirtylog-runs") / f"{stamp}-{secrets.token_hex(2)}"
+
+
+def _free_tcp_port(address: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((address, 0))
+        return s.getsockname()[1]
+
+
+class Reporter:
+    """Plain progress lines; the CLI replaces it with a quieter or richer one."""
+
+    def step(self, msg: str) -> None:  # pragma: no cover - trivial
+        pass
+
+    def migration(self, info: dict) -> None:  # pragma: no cover - trivial
+        pass
+
+
+def verify(art: GuestArtifacts, opts: VerifyOptions, reporter: Reporter | None = None) -> RunReport:
+    reporter = reporter or Reporter()
+    opts.check(art)
+    qemu = probe_qemu(opts.qemu)
+    machine = MACHINES.get(art.machine)
+    if machine is None:
+        raise InputError(f"machine {art.machine!r} is not supported (known: {', '.join(MACHINES)})")
+    capture = _capture.choose(opts.capture, qemu)
+    run_dir = (opts.run_dir or default_run_dir()).resolve()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create run directory {run_dir}: {exc.strerror}") from None
+    report = RunReport.start(run_dir, opts, art, qemu, machine, capture)
+    reporter.step(f"run directory {run_dir}")
+    try:
+        for index in range(1, opts.trials + 1):
+            trial = TrialResult(index=index, directory=run_dir / f"trial-{index:02d}")
+            report.trials.append(trial)
+            try:
+                _run_trial(trial, art, opts, qemu, machine, capture, reporter)
+            except VerifyError as exc:
+                trial.verdict = "error"
+                trial.error = str(exc)
+                trial.error_exit_code = exc.exit_code
+                reporter.step(f"trial {index}: error: {exc}")
+                break
+            reporter.step(f"trial {index}: {trial.verdict.upper()}" + (
+                f" ({trial.compare['diff_count']} differing pages)" if trial.verdict == "fail" else ""))
+            if opts.delete_images and trial.verdict == "pass":
+                for img in trial.images.values():
+                    Path(img).unlink(missing_ok=True)
+                trial.images_deleted = True
+    except KeyboardInterrupt:
+        report.interrupted = True
+        raise
+    finally:
+        report.finish()
+    return report
+
+
+def _run_trial(trial: TrialResult, art: GuestArtifacts, opts: VerifyOptions, qemu: QemuBinary,
+               machine, capture: str, reporter: Reporter) -> None:
+    tdir = trial.directory
+    tdir.mkdir(parents=True, exist_ok=True)
+    t_start = time.monotonic()
+    append = " ".join(a for a in (f"console={machine.console}", "panic=1",
+                                  kernel_cmdline_arg(opts.workloads), opts.extra_append) if a)
+
+    def config(side: str) -> GuestConfig:
+        return GuestConfig(machine=machine, kernel=art.kernel.resolve(),
+                           dtb=art.dtb.resolve() if art.dtb else None, initrd=art.initrd.resolve(),
+                           append=append, mem_mb=opts.mem_mb, smp=opts.smp, accel=opts.accel,
+                           ram_file=f"{side}.ram" if capture == "backing-file" else None)
+
+    if opts.transport == "unix":
+        uri = "unix:migrate.sock"  # relative to the trial directory, the QEMUs' working directory
+    else:
+        uri = f"tcp:{opts.migration_address}:{_free_tcp_port(opts.migration_address)}"
+    policy = MigrationPolicy(max_bandwidth=opts.max_bandwidth, min_passes=opts.min_passes,
+                             timeout_s=opts.migration_timeout_s)
+    dst_args = machine_args(qemu, config("dst")) + ["-S", "-incoming", "defer"]
+    with QemuProcess(qemu, dst_args, tdir, "dst") as dst, \
+            QemuProcess(qemu, machine_args(qemu, config("src")), tdir, "src") as src:
+        trial.cmdlines = {"src": src.cmdline, "dst": dst.cmdline}
+        reporter.step(f"trial {trial.index}: booting the source guest")
+        m = src.serial.wait_for(READY_RE, opts.boot_timeout_s, alive=src.alive)
+        if m is None:
+            if not src.alive():
+                src._raise_dead("exited while the guest was booting")
+            raise QemuError(f"the guest did not report ready within {opts.boot_timeout_s:.0f} s; "
+                            f"see {tdir / 'serial-src.log'}")
+        marker = m.group(0).decode(errors="replace")
+        if not marker.startswith("DIRTYLOG-READY"):
+            raise QemuError(f"the guest failed to start its workload: {marker.strip()} "
+                            f"(see {tdir / 'serial-src.log'})")
+        if int(m.group(1)) != len(opts.workloads):
+            raise QemuError(f"the guest started {m.group(1)} workloads instead of {len(opts.workloads)}; "
+                            "the initrd does not read dirtylog.workload (foreign initrd?)")
+        trial.timings["boot_s"] = round(time.monotonic() - t_start, 3)
+        time.sleep(opts.settle_s)
+        dst.qmp("migrate-incoming", uri=uri)
+        reporter.step(f"trial {trial.index}: migrating ({uri})")
+        t_mig = time.monotonic()
+        result = run_migration(src, dst, uri, policy, tdir / "timeline.jsonl", progress=reporter.migration)
+        trial.timings["migration_s"] = round(time.monotonic() - t_mig, 3)
+        trial.migration = result.figures
+        trial.parameter_changes = result.parameter_changes
+        trial.warnings += result.warnings
+        reporter.step(f"trial {trial.index}: capturing guest RAM ({capture})")
+        t_cap = time.monotonic()
+        images = _capture.capture(capture, src, dst, tdir, machine.ram_base, opts.mem_mb)
+        trial.images = {k: str(v) for k, v in images.items()}
+        trial.timings["capture_s"] = round(time.monotonic() - t_cap, 3)
+        src.close()
+        reporter.step(f"trial {trial.index}: resuming the destination guest")
+        _check_destination_runs(dst)
+    _capture.cleanup(capture, tdir)
+    reporter.step(f"trial {trial.index}: comparing {opts.mem_mb} MiB page by page")
+    t_cmp = time.monotonic()
+    result = compare_images(images["src"], images["dst"])
+    trial.timings["compare_s"] = round(time.monotonic() - t_cmp, 3)
+    diagnose_trial(trial, result, machine.ram_base)
+    trial.timings["total_s"] = round(time.monotonic() - t_start, 3)
+
+
+def _check_destination_runs(dst: QemuProcess) -> None:
+    """Resume the destination and make its shell compute something: the guest really runs."""
+    dst.qmp("cont")
+    a, b = secrets.randbelow(10**6), secrets.randbelow(10**6)
+    since = dst.serial.mark()
+    dst.serial.write(f"\necho dirtylog-alive-$(({a}+{b}))\n")
+    if dst.serial.wait_for(f"dirtylog-alive-{a + b}", 30, since=since, alive=dst.alive) is None:
+        if not dst.alive():
+            dst._raise_dead("exited after resuming")
+        raise MigrationError("the destination guest did not answer on its console after resuming "
+                             "(status " + dst.status() + ")")
