@@ -16,8 +16,10 @@ import lzma
 import re
 import shutil
 import subprocess
+import tarfile
 import tempfile
 import time
+import zlib
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -309,30 +311,45 @@ def list_members(deb_path: Path | str) -> list[str]:
 
 
 def extract_members(deb_path: Path | str, members: Iterable[str]) -> dict[str, bytes]:
-    """Contents of several regular files of the .deb's data.tar.* in one pass.
+    """Contents of several files of the .deb's data.tar.*, in one sequential pass.
 
-    Member names may be given with or without a leading ``./`` or ``/``;
-    symlinks inside the package are followed.  The result is keyed by the
-    names as given.
+    Member names may be given with or without a leading ``./`` or ``/``.
+    Regular files and links (resolved inside the package) are accepted;
+    anything else, or a missing name, raises MemberNotFoundError.  The result
+    is keyed by the names as given.
     """
     members = list(members)
-    out: dict[str, bytes] = {}
+    wanted = {_norm(m) for m in members}
+    found: dict[str, bytes] = {}
+    names: list[str] = []
     with _open_deb(Path(deb_path)) as deb:
-        for m in members:
-            try:
-                content = deb.data.get_content(_norm(m), follow_symlinks=True)
-            except DebError:
-                content = None
-            except (OSError, EOFError, lzma.LZMAError) as e:
-                raise IntegrityError(f"{deb_path}: cannot read data archive: {e}") from e
-            if content is None:
-                base = m.rsplit("/", 1)[-1]
-                similar = [n for n in (_norm(x) for x in deb.data.tgz().getnames())
-                           if n.rsplit("/", 1)[-1] == base][:5]
-                hint = f"; files with the same name: {', '.join(similar)}" if similar else ""
-                raise MemberNotFoundError(f"{deb_path}: no regular file {_norm(m)!r}{hint}")
-            out[m] = content
-    return out
+        try:
+            tf = deb.data.tgz()
+            for ti in tf:
+                n = _norm(ti.name)
+                names.append(n)
+                if n in wanted and n not in found and (ti.isreg() or ti.issym() or ti.islnk()):
+                    try:
+                        f = tf.extractfile(ti)
+                    except KeyError:  # dangling link
+                        continue
+                    if f is not None:
+                        found[n] = f.read()
+                if len(found) == len(wanted):
+                    break
+        except (DebError, tarfile.TarError, OSError, EOFError, lzma.LZMAError, zlib.error) as e:
+            raise IntegrityError(f"{deb_path}: cannot read data archive: {e}") from e
+    missing = [m for m in members if _norm(m) not in found]
+    if missing:
+        hints = []
+        for m in missing:
+            base = m.rsplit("/", 1)[-1]
+            hints += [n for n in names if n.rsplit("/", 1)[-1] == base and n not in hints]
+        hint = f"; files with the same name: {', '.join(hints[:5])}" if hints else ""
+        raise MemberNotFoundError(
+            f"{deb_path}: no file {', '.join(repr(_norm(m)) for m in missing)}{hint}"
+        )
+    return {m: found[_norm(m)] for m in members}
 
 
 def extract_member(deb_path: Path | str, member: str) -> bytes:

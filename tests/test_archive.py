@@ -114,7 +114,7 @@ def gpg():
 # tiny .debs, built once per session
 
 
-def build_deb(work: Path, name: str, version: str, files: dict[str, bytes]) -> Path:
+def build_deb(work: Path, name: str, version: str, files: dict[str, bytes | Path]) -> Path:
     root = work / f"{name}_{version.replace(':', '%')}"
     (root / "DEBIAN").mkdir(parents=True)
     (root / "DEBIAN" / "control").write_text(
@@ -124,7 +124,10 @@ def build_deb(work: Path, name: str, version: str, files: dict[str, bytes]) -> P
     for rel, content in files.items():
         p = root / rel
         p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(content)
+        if isinstance(content, Path):  # a symlink
+            p.symlink_to(content)
+        else:
+            p.write_bytes(content)
     out = work / f"{root.name}.deb"
     subprocess.run(["dpkg-deb", "--root-owner-group", "-Zgzip", "--build", str(root), str(out)],
                    check=True, capture_output=True)
@@ -142,6 +145,7 @@ def debs(tmp_path_factory):
     spec = {
         "busybox-static": ("1:1.35.0-4+deb12u1+b1", "b/busybox", {
             "bin/busybox": b"\x7fELF fake busybox",
+            "bin/sh": Path("busybox"),
             "usr/share/doc/busybox-static/copyright": b"GPL",
         }),
         KERNEL: ("6.1.176-1", "l/linux", {
@@ -329,6 +333,7 @@ def test_fetch_pinned_happy_path(lock_path, archive, gpg, tmp_path):
     got = extract_members(paths[KERNEL], ["./" + k.members["dtb"], "/" + k.members["zImage"]])
     assert got["./" + k.members["dtb"]] == b"\xd0\x0d\xfe\xed tc1"
     assert extract_member(paths["busybox-static"], "bin/busybox") == b"\x7fELF fake busybox"
+    assert extract_member(paths["busybox-static"], "bin/sh") == b"\x7fELF fake busybox"  # symlink
     names = list_members(paths[KERNEL])
     assert "boot/vmlinuz-6.1.0-10-armmp-lpae" in names and "boot" in names
     with pytest.raises(MemberNotFoundError, match="vexpress-v2p-ca15-tc1.dtb"):
