@@ -154,9 +154,14 @@ def build(console, out, offline, mirror, cache_dir):
 @click.pass_obj
 def lock_cmd(console, refresh, mirror):
     """Refresh the pinned Debian packages (builder/locks/*.json) to the archive's current versions."""
-    from builder.lock import refresh_lock
-    changes = refresh_lock(mirror=mirror)
-    click.echo(changes if isinstance(changes, str) else json.dumps(changes, indent=2, default=str))
+    from builder.lock import DEFAULT_LOCK_PATH, load_lock, refresh_lock
+    before = load_lock(DEFAULT_LOCK_PATH)
+    after = refresh_lock(DEFAULT_LOCK_PATH, mirror=mirror, log=console.step)
+    for role, pkg in sorted(after.packages.items()):
+        old = before.packages.get(role)
+        change = "unchanged" if old and old.sha256 == pkg.sha256 else f"was {old.name} {old.version}" if old else "new"
+        click.echo(f"{role}: {pkg.name} {pkg.version} ({change})")
+    click.echo(str(DEFAULT_LOCK_PATH))
 
 
 # -- verify ---------------------------------------------------------------------------------------
