@@ -4,6 +4,7 @@ The generator below replays dirtyram's main loop literally (pass 0, then strided
 it is independent of the closed-form write-order model in verifier.pageheader.
 """
 
+import json
 import random
 import struct
 
@@ -13,7 +14,7 @@ from verifier import pageheader
 from verifier.compare import compare_images
 from verifier.diagnosis import (DUPLICATE, IMPOSSIBLE, LOST_WRITE, MISSING, NEVER_SENT,
                                 NOT_DIRTYRAM, STALE, TORN, TORN_ELSEWHERE, classify_page,
-                                destination_invariant, diagnose, render_text)
+                                analyse, destination_invariant, diagnose, render_text)
 from verifier.errors import CaptureError
 
 PS = 4096
@@ -158,7 +159,7 @@ def test_scan_instances_reads_a_partial_last_page(tmp_path):
 
 def diagnosed(tmp_path, src_img, dst_img, **kw):
     r = compare_images(src_img.save(tmp_path / "src.img"), dst_img.save(tmp_path / "dst.img"))
-    return r, diagnose(r, **kw)
+    return r, analyse(r, **kw)
 
 
 def test_destination_stale_page_is_reported_with_its_address(tmp_path):
@@ -185,7 +186,12 @@ def test_destination_stale_page_is_reported_with_its_address(tmp_path):
     assert "0x80078000-0x8007afff  3 pages  stale  instance 2 pages 20-22" in text
     assert "dst gen 0..2 < src gen 3..6 (lag 3..4" in text
     d = rep.to_dict()
-    assert d["ranges"][0]["phys_start"] == "0x80078000" and d["counts"][STALE] == 3
+    assert d["counts"][STALE] == 3
+    (j,) = diagnose(r)
+    assert (j["diagnosis"], j["start"], j["end"], j["pages"]) == \
+        (STALE, "0x80078000", "0x8007afff", 3)
+    assert j["text"].startswith("0x80078000-0x8007afff  3 pages  stale")
+    json.dumps(d)
 
 
 def test_zero_destination_page_is_never_sent(tmp_path):
@@ -289,6 +295,7 @@ def test_lost_write_on_destination_is_reported_with_expected_generation(tmp_path
     assert (f.kind, f.instance_id, f.page_index, f.image_page) == (LOST_WRITE, 2, 33, 133)
     assert (f.expected_generation, f.found_generation) == (gen, old[0])
     assert f.phys_addr == BASE + 133 * PS and f.severity == "error"
+    assert "lost-write" in json.loads(json.dumps(f.to_dict()))["text"]
 
 
 def test_lost_write_is_caught_with_the_dirty_count_given(tmp_path):

@@ -1,9 +1,10 @@
 """Why does a destination page differ from the source page?  And is the destination image
 consistent on its own?
 
-``classify_page`` looks at one differing page pair; ``diagnose`` classifies the differing
+``classify_page`` looks at one differing page pair; ``analyse`` classifies the differing
 pages of a ``CompareResult`` (the first ``limit`` in detail, the rest only counted) and groups
-them into ranges; ``render_text`` prints those ranges one a line. ``destination_invariant``
+them into ranges (``diagnose`` returns just those ranges as JSON-able dicts);
+``render_text`` prints them one a line. ``destination_invariant``
 checks the destination image alone against dirtyram's deterministic write order.
 """
 
@@ -139,12 +140,12 @@ class DiagnosisRange:
 
     def to_dict(self) -> dict:
         d = {
-            "kind": self.kind,
+            "diagnosis": self.kind,
+            "start": f"{self.phys_start:#x}",
+            "end": f"{self.phys_end:#x}",
+            "pages": self.pages,
             "first_page": self.first_page,
             "last_page": self.last_page,
-            "pages": self.pages,
-            "phys_start": f"{self.phys_start:#x}",
-            "phys_end": f"{self.phys_end:#x}",
             "instance_id": self.instance_id,
             "first_index": self.first_index,
             "last_index": self.last_index,
@@ -161,6 +162,7 @@ class DiagnosisRange:
         if f is not None:
             d.update(first_diff=f.first_diff, src_hex=f.src_hex, dst_hex=f.dst_hex,
                      torn_side=f.torn_side, note=f.note or None)
+        d["text"] = self.render()
         return d
 
     def render(self) -> str:
@@ -264,8 +266,8 @@ class DiagnosisReport:
         }
 
 
-def diagnose(result: CompareResult, base: int = RAM_BASE_VEXPRESS_A15,
-             limit: int = 100_000) -> DiagnosisReport:
+def analyse(result: CompareResult, base: int = RAM_BASE_VEXPRESS_A15,
+            limit: int = 100_000) -> DiagnosisReport:
     """Classify the first ``limit`` differing pages of ``result`` (re-reading both images)."""
     pages = result.diff_pages[:limit]
     diags = [classify_page(a, b, p)
@@ -275,6 +277,14 @@ def diagnose(result: CompareResult, base: int = RAM_BASE_VEXPRESS_A15,
         counts[d.kind] += 1
     return DiagnosisReport(result.diff_count, group_diagnoses(diags, base, result.page_size),
                            counts, result.diff_count - len(diags))
+
+
+def diagnose(result: CompareResult, base: int = RAM_BASE_VEXPRESS_A15,
+             limit: int = 100_000) -> list[dict]:
+    """The JSON-able ranges of ``analyse(result, base, limit)``: one dict a range with keys
+    diagnosis, start, end (hex strings), pages, text, ... (see DiagnosisRange.to_dict).
+    Use ``analyse`` for counts, the undiagnosed tail and ``raise_for_capture``."""
+    return analyse(result, base, limit).to_dict()["ranges"]
 
 
 def render_text(report: DiagnosisReport, max_lines: int = 50) -> str:
@@ -323,6 +333,7 @@ class Finding:
         d = dict(self.__dict__)
         if self.phys_addr is not None:
             d["phys_addr"] = f"{self.phys_addr:#x}"
+        d["text"] = self.render()
         return d
 
     def render(self) -> str:
