@@ -28,12 +28,12 @@ _MAGIC_WORD = struct.Struct("<I")
 
 def fnv1a32(data: bytes) -> int:
     h = 0x811C9DC5
-    for b in data:
-        h = ((h ^ b) * 0x01000193) & 0xFFFFFFFF
-    return h
+    for b in data:  # masking once at the end is exact (only the low 32 bits feed back)
+        h = (h ^ b) * 0x01000193
+    return h & 0xFFFFFFFF
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PageHeader:
     """A decoded header. ``valid``: checksum matches; ``torn``: magic present, checksum wrong."""
 
