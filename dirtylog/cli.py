@@ -168,6 +168,8 @@ def lock_cmd(console, refresh, mirror):
 def verify_options(f):
     opts = [
         click.option("--qemu", default="qemu-system-arm", show_default=True, help="QEMU system emulator to test."),
+        click.option("--machine", type=click.Choice(["vexpress-a15", "virt"]), default=None,
+                     help="Guest machine model (default: the manifest's, vexpress-a15 as in 2014)."),
         click.option("--smp", type=int, default=2, show_default=True, help="Guest vCPUs."),
         click.option("--mem", "mem_mb", type=int, default=256, show_default=True, help="Guest RAM in MiB."),
         click.option("--max-bandwidth", type=ByteRate(), default=None,
@@ -214,7 +216,7 @@ def _verify(console, artifacts, **kw):
         workloads=tuple(kw["workloads"]) or SEED_WORKLOADS, trials=kw["trials"], run_dir=kw["run_dir"],
         capture=kw["capture"], transport=kw["transport"], migration_address=kw["migration_address"],
         min_passes=kw["min_passes"], migration_timeout_s=kw["migration_timeout"],
-        boot_timeout_s=kw["boot_timeout"], delete_images=kw["delete_images"])
+        boot_timeout_s=kw["boot_timeout"], delete_images=kw["delete_images"], machine=kw["machine"])
     if kw["json_path"] is not None and not kw["json_path"].parent.is_dir():
         raise click.BadParameter(f"directory of {kw['json_path']} does not exist", param_hint="--json")
     report = None

@@ -116,7 +116,7 @@ def fdt_root_compatible(path: Path) -> list[str]:
         raise InputError(f"device tree {path} is truncated or corrupt") from None
 
 
-MACHINE_DTB_COMPATIBLE = {"vexpress-a15": "arm,vexpress"}
+MACHINE_DTB_COMPATIBLE = {"vexpress-a15": "arm,vexpress", "virt": None}
 
 
 def check_dtb(path: Path, machine: str) -> None:

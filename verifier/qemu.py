@@ -76,11 +76,14 @@ class Machine:
     console: str
     ram_base: int
     min_mem_mb: int
+    needs_dtb: bool = True  # False: QEMU generates the device tree itself
 
 
 MACHINES = {
     # The seed's board: CoreTile Express A15x2; RAM starts at 0x80000000.
     "vexpress-a15": Machine("vexpress-a15", "vexpress-a15", "cortex-a15", "ttyAMA0", 0x80000000, 64),
+    # QEMU's generic board; it generates its own device tree.
+    "virt": Machine("virt", "virt", "cortex-a15", "ttyAMA0", 0x40000000, 64, needs_dtb=False),
 }
 
 

@@ -33,6 +33,7 @@ class TrialResult:
     timings: dict = field(default_factory=dict)
     images: dict = field(default_factory=dict)
     images_deleted: bool = False
+    resume: dict = field(default_factory=dict)
     cmdlines: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -42,22 +43,21 @@ class TrialResult:
 
 
 def diagnose_trial(trial: TrialResult, result: CompareResult, ram_base: int) -> None:
-    """Turn a comparison into the trial's verdict and its list of differing ranges."""
+    """Turn a comparison (and the resume check) into the trial's verdict and findings.
+
+    A destination page newer than the source's means the capture is wrong: CaptureError.
+    """
+    from .diagnosis import analyse, destination_invariant
     trial.compare = result.to_dict()
     trial.compare["ram_base"] = hex(ram_base)
-    try:
-        from . import diagnosis
-    except ImportError:  # pragma: no cover - diagnosis is part of the package
-        diagnosis = None
-    if diagnosis is not None and result.diff_count:
-        trial.differences = diagnosis.diagnose(result, ram_base)
-    else:
-        trial.differences = [
-            {"first_page": a, "last_page": b, "pages": b - a + 1,
-             "start": hex(guest_phys_addr(a, ram_base)),
-             "end": hex(guest_phys_addr(b + 1, ram_base) - 1)}
-            for a, b in result.diff_ranges()]
-    trial.verdict = "pass" if result.identical else "fail"
+    analysis = analyse(result, ram_base)
+    analysis.raise_for_capture()
+    trial.compare["diagnosis_counts"] = {k: n for k, n in analysis.counts.items() if n}
+    trial.compare["undiagnosed"] = analysis.undiagnosed
+    trial.differences = [r.to_dict() for r in analysis.ranges]
+    trial.destination_invariant = [f.to_dict() for f in destination_invariant(result.dst, base=ram_base)]
+    resumed = trial.resume.get("ok", True)
+    trial.verdict = "pass" if result.identical and resumed else "fail"
 
 
 @dataclass
@@ -167,14 +167,20 @@ class RunReport:
                 lines.append(f"  warning: {w}")
             if t.error:
                 lines.append(f"  error: {t.error}")
+            if t.resume and not t.resume.get("ok"):
+                lines.append(f"  destination did not run after resuming: {t.resume.get('detail')}")
+            counts = t.compare.get("diagnosis_counts") if t.compare else None
+            if counts:
+                lines.append("  diagnosis: " + ", ".join(f"{n} {k}" for k, n in counts.items()))
             shown = t.differences[:MAX_RANGES_IN_TEXT]
             for r in shown:
-                lines.append("  " + r.get("text") if "text" in r else
-                             f"  {r['start']}-{r['end']}  {r['pages']} page(s)")
+                lines.append("  " + r["text"])
             if len(t.differences) > len(shown):
                 lines.append(f"  ... {len(t.differences) - len(shown)} more ranges in report.json")
             for f in t.destination_invariant[:10]:
-                lines.append("  destination invariant: " + (f.get("text") or json.dumps(f)))
+                lines.append("  destination-only check: " + f["text"])
+            if len(t.destination_invariant) > 10:
+                lines.append(f"  ... {len(t.destination_invariant) - 10} more destination-only findings in report.json")
         return "\n".join(lines) + "\n"
 
 

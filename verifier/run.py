@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -25,6 +26,7 @@ from .qemu import MACHINES, GuestConfig, QemuBinary, QemuProcess, machine_args, 
 from .report import RunReport, TrialResult, diagnose_trial
 from .workload import SEED_WORKLOADS, Workload, check_fits, kernel_cmdline_arg
 
+RESUME_TIMEOUT_S = 20.0
 READY_RE = r"DIRTYLOG-READY n=(\d+)|DIRTYLOG-FAILED[^\n]*|Kernel panic[^\n]*"
 
 
@@ -47,6 +49,7 @@ class VerifyOptions:
     migration_timeout_s: float = 180.0
     delete_images: bool = False
     extra_append: str = ""
+    machine: str | None = None  # default: the machine named in the manifest
 
     def check(self, art: GuestArtifacts) -> None:
         if self.smp < 1 or self.smp > 8:
@@ -88,9 +91,9 @@ def verify(art: GuestArtifacts, opts: VerifyOptions, reporter: Reporter | None =
     reporter = reporter or Reporter()
     opts.check(art)
     qemu = probe_qemu(opts.qemu)
-    machine = MACHINES.get(art.machine)
+    machine = MACHINES.get(opts.machine or art.machine)
     if machine is None:
-        raise InputError(f"machine {art.machine!r} is not supported (known: {', '.join(MACHINES)})")
+        raise InputError(f"machine {opts.machine or art.machine!r} is not supported (known: {', '.join(MACHINES)})")
     capture = _capture.choose(opts.capture, qemu)
     run_dir = (opts.run_dir or default_run_dir()).resolve()
     try:
@@ -135,7 +138,8 @@ def _run_trial(trial: TrialResult, art: GuestArtifacts, opts: VerifyOptions, qem
 
     def config(side: str) -> GuestConfig:
         return GuestConfig(machine=machine, kernel=art.kernel.resolve(),
-                           dtb=art.dtb.resolve() if art.dtb else None, initrd=art.initrd.resolve(),
+                           dtb=art.dtb.resolve() if art.dtb and machine.needs_dtb else None,
+                           initrd=art.initrd.resolve(),
                            append=append, mem_mb=opts.mem_mb, smp=opts.smp, accel=opts.accel,
                            ram_file=f"{side}.ram" if capture == "backing-file" else None)
 
@@ -180,8 +184,10 @@ def _run_trial(trial: TrialResult, art: GuestArtifacts, opts: VerifyOptions, qem
         trial.timings["capture_s"] = round(time.monotonic() - t_cap, 3)
         src.close()
         reporter.step(f"trial {trial.index}: resuming the destination guest")
-        _check_destination_runs(dst)
+        trial.resume = _check_destination_runs(dst)
     _capture.cleanup(capture, tdir)
+    if not trial.resume["ok"]:
+        reporter.step(f"trial {trial.index}: the destination guest did not run after resuming: {trial.resume['detail']}")
     reporter.step(f"trial {trial.index}: comparing {opts.mem_mb} MiB page by page")
     t_cmp = time.monotonic()
     result = compare_images(images["src"], images["dst"])
@@ -190,14 +196,27 @@ def _run_trial(trial: TrialResult, art: GuestArtifacts, opts: VerifyOptions, qem
     trial.timings["total_s"] = round(time.monotonic() - t_start, 3)
 
 
-def _check_destination_runs(dst: QemuProcess) -> None:
-    """Resume the destination and make its shell compute something: the guest really runs."""
+def _check_destination_runs(dst: QemuProcess) -> dict:
+    """Resume the destination and make its shell compute something: does the guest really run?
+
+    A guest that does not answer is a verification finding (the hypervisor broke it); a QEMU
+    that exits is an infrastructure failure.
+    """
     dst.qmp("cont")
     a, b = secrets.randbelow(10**6), secrets.randbelow(10**6)
     since = dst.serial.mark()
     dst.serial.write(f"\necho dirtylog-alive-$(({a}+{b}))\n")
-    if dst.serial.wait_for(f"dirtylog-alive-{a + b}", 30, since=since, alive=dst.alive) is None:
-        if not dst.alive():
-            dst._raise_dead("exited after resuming")
-        raise MigrationError("the destination guest did not answer on its console after resuming "
-                             "(status " + dst.status() + ")")
+    if dst.serial.wait_for(f"dirtylog-alive-{a + b}", RESUME_TIMEOUT_S, since=since, alive=dst.alive):
+        return {"ok": True, "detail": "the guest's shell answered on the console"}
+    if not dst.alive():
+        dst._raise_dead("exited after resuming")
+    detail = f"no answer on the console within {RESUME_TIMEOUT_S:.0f} s (status {dst.status()})"
+    try:  # Where the vCPU is stuck says a lot (e.g. looping on an exception vector).
+        regs = dst.qmp("human-monitor-command", **{"command-line": "info registers"})
+        pc = re.search(r"R15=([0-9a-f]+)", regs)
+        psr = re.search(r"PSR=[0-9a-f]+ \S+ \S* ?(\w+)", regs)
+        if pc:
+            detail += f"; vCPU 0 at pc 0x{pc.group(1)}" + (f" in {psr.group(1)} mode" if psr else "")
+    except VerifyError:
+        pass
+    return {"ok": False, "detail": detail}
