@@ -27,7 +27,7 @@ from .report import RunReport, TrialResult, diagnose_trial
 from .workload import SEED_WORKLOADS, Workload, check_fits, kernel_cmdline_arg
 
 RESUME_TIMEOUT_S = 20.0
-READY_RE = r"DIRTYLOG-READY n=(\d+)|DIRTYLOG-FAILED[^\n]*|Kernel panic[^\n]*"
+READY_RE = r"DIRTYLOG-READY n=(\d+)|DIRTYLOG-FAILED[^\r\n]*|Kernel panic[^\r\n]*"
 
 
 @dataclass
