@@ -67,6 +67,10 @@ class Console:
         if not self.quiet:
             click.echo(f"dirtylog: {msg}", err=True)
 
+    def detail(self, msg: str) -> None:
+        if self.verbose and not self.quiet:
+            click.echo(f"dirtylog: {msg}", err=True)
+
     def migration(self, info: dict) -> None:
         ram = info.get("ram") or {}
         sync = ram.get("dirty-sync-count")
@@ -108,7 +112,8 @@ def main(argv=None) -> None:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("-v", "--verbose", is_flag=True, help="Show QEMU command lines and more detail.")
+@click.option("-v", "--verbose", is_flag=True,
+              help="Show QEMU command lines (QMP traffic is always in the run directory's qmp-*.log).")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the verdict.")
 @click.version_option(package_name="dirtylog")
 @click.pass_context

@@ -11,6 +11,8 @@ packages=(
   gcc libc6-dev make                           # host build of dirtyram for its tests
   gpgv debian-archive-keyring                  # authenticating the Debian archive
   cpio xz-utils ca-certificates git python3-venv
+  # for the tests only: running armv7 binaries, negative ELF cases, a signed fake archive
+  qemu-user-static gcc-arm-linux-gnueabi gcc-aarch64-linux-gnu gpg
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -86,6 +86,9 @@ class Reporter:
     def migration(self, info: dict) -> None:  # pragma: no cover - trivial
         pass
 
+    def detail(self, msg: str) -> None:  # pragma: no cover - trivial
+        pass
+
 
 def verify(art: GuestArtifacts, opts: VerifyOptions, reporter: Reporter | None = None) -> RunReport:
     reporter = reporter or Reporter()
@@ -153,6 +156,8 @@ def _run_trial(trial: TrialResult, art: GuestArtifacts, opts: VerifyOptions, qem
     with QemuProcess(qemu, dst_args, tdir, "dst") as dst, \
             QemuProcess(qemu, machine_args(qemu, config("src")), tdir, "src") as src:
         trial.cmdlines = {"src": src.cmdline, "dst": dst.cmdline}
+        for side, proc in (("destination", dst), ("source", src)):
+            reporter.detail(f"{side} QEMU: " + (tdir / f"cmdline-{proc.name}.txt").read_text().strip())
         reporter.step(f"trial {trial.index}: booting the source guest")
         m = src.serial.wait_for(READY_RE, opts.boot_timeout_s, alive=src.alive)
         if m is None:
@@ -199,22 +204,34 @@ def _run_trial(trial: TrialResult, art: GuestArtifacts, opts: VerifyOptions, qem
 def _check_destination_runs(dst: QemuProcess) -> dict:
     """Resume the destination and make its shell compute something: does the guest really run?
 
-    A guest that does not answer is a verification finding (the hypervisor broke it); a QEMU
-    that exits is an infrastructure failure.
+    A guest that does not answer, or that panics (QEMU then exits 0 because of -no-reboot), is a
+    verification finding: the hypervisor broke it. A QEMU that crashes is an infrastructure failure.
     """
+    since = dst.serial.mark()
     dst.qmp("cont")
     a, b = secrets.randbelow(10**6), secrets.randbelow(10**6)
-    since = dst.serial.mark()
-    dst.serial.write(f"\necho dirtylog-alive-$(({a}+{b}))\n")
+    try:
+        dst.serial.write(f"\necho dirtylog-alive-$(({a}+{b}))\n")
+    except OSError:
+        pass  # the guest's end is gone; the checks below say why
     if dst.serial.wait_for(f"dirtylog-alive-{a + b}", RESUME_TIMEOUT_S, since=since, alive=dst.alive):
         return {"ok": True, "detail": "the guest's shell answered on the console"}
+    console = dst.serial.text[since:] if dst.serial else ""
+    oops = re.search(r"(Kernel panic[^\r\n]*|Internal error[^\r\n]*|Unable to handle[^\r\n]*)", console)
     if not dst.alive():
-        dst._raise_dead("exited after resuming")
-    detail = f"no answer on the console within {RESUME_TIMEOUT_S:.0f} s (status {dst.status()})"
+        rc = dst.proc.wait()
+        if rc != 0:
+            dst._raise_dead("crashed after resuming")
+        return {"ok": False, "detail": "the guest stopped after resuming"
+                + (f": {oops.group(1).strip()}" if oops else " (QEMU exited 0: guest reset or power-off)")}
+    detail = f"no answer on the console within {RESUME_TIMEOUT_S:.0f} s"
+    if oops:
+        detail += f"; the guest said: {oops.group(1).strip()}"
     try:  # Where the vCPU is stuck says a lot (e.g. looping on an exception vector).
+        detail += f" (status {dst.status()})"
         regs = dst.qmp("human-monitor-command", **{"command-line": "info registers"})
         pc = re.search(r"R15=([0-9a-f]+)", regs)
-        psr = re.search(r"PSR=[0-9a-f]+ \S+ \S* ?(\w+)", regs)
+        psr = re.search(r"PSR=[0-9a-f]+ [^\n]*?(usr|fiq|irq|svc|mon|abt|hyp|und|sys)32", regs)
         if pc:
             detail += f"; vCPU 0 at pc 0x{pc.group(1)}" + (f" in {psr.group(1)} mode" if psr else "")
     except VerifyError:
