@@ -7,7 +7,6 @@ half-written artifact set behind.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -19,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from .archive import extract_members
-from .cache import Cache
+from .cache import Cache, sha256_file
 from .dirtyram import build_dirtyram, compiler_version
 from .errors import BuildInputError
 from .initrd import build_initrd
@@ -38,14 +37,6 @@ ARTIFACT_ROLES = {
     "initrd.cpio-dirtyram.gz": "initrd",
     "dirtyram.arm": "workload",
 }
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _git_commit() -> str | None:
@@ -85,7 +76,7 @@ def build_artifacts(out: Path, *, offline: bool = False, mirror: str | None = No
         log("packing initrd.cpio-dirtyram.gz")
         build_initrd(staging / "initrd.cpio-dirtyram.gz", busybox=busybox, dirtyram=dirtyram.read_bytes(),
                      init_script=INIT_SCRIPT.read_bytes(), mtime=epoch)
-        files = [{"name": name, "role": role, "sha256": _sha256(staging / name),
+        files = [{"name": name, "role": role, "sha256": sha256_file(staging / name),
                   "size": (staging / name).stat().st_size}
                  for name, role in ARTIFACT_ROLES.items()]
         manifest = {

@@ -120,20 +120,24 @@ def test_pmemsave_capture_gives_the_same_verdict(artifacts, tmp_path):
     assert not (run_dir / "trial-01" / "ram-src.img").exists()
 
 
+def _start_slow_migration(artifacts: Path, run_dir: Path) -> subprocess.Popen:
+    """A verify run whose 2 MB/s migration is still going when this returns."""
+    proc = subprocess.Popen([*DIRTYLOG, "verify", "--artifacts", str(artifacts), "--machine", "virt",
+                             "--smp", "1", "--max-bandwidth", "2M", "--run-dir", str(run_dir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    timeline = run_dir / "trial-01" / "timeline.jsonl"
+    deadline = time.monotonic() + 120
+    while not (timeline.exists() and timeline.stat().st_size > 0):
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            pytest.fail("the migration never started: " + proc.communicate()[1])
+        time.sleep(0.2)
+    return proc
+
+
 def test_ctrl_c_during_migration_stops_every_qemu_and_exits_130(artifacts, tmp_path):
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen([*DIRTYLOG, "verify", "--artifacts", str(artifacts), "--machine", "virt", "--smp", "1",
-                             "--max-bandwidth", "2M", "--run-dir", str(run_dir)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        timeline = run_dir / "trial-01" / "timeline.jsonl"
-        if timeline.exists() and timeline.stat().st_size > 0:
-            break
-        time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.fail("migration never started")
+    proc = _start_slow_migration(artifacts, run_dir)
     assert len(qemu_processes_under(tmp_path)) == 2
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
@@ -145,15 +149,7 @@ def test_ctrl_c_during_migration_stops_every_qemu_and_exits_130(artifacts, tmp_p
 
 def test_destination_qemu_killed_mid_migration_is_an_infrastructure_failure(artifacts, tmp_path):
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen([*DIRTYLOG, "verify", "--artifacts", str(artifacts), "--machine", "virt", "--smp", "1",
-                             "--max-bandwidth", "2M", "--run-dir", str(run_dir)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        timeline = run_dir / "trial-01" / "timeline.jsonl"
-        if timeline.exists() and timeline.stat().st_size > 0:
-            break
-        time.sleep(0.2)
+    proc = _start_slow_migration(artifacts, run_dir)
     dst = [p for p in qemu_processes_under(tmp_path) if p]
     pids = [int(line.split()[0]) for line in dst
             if b"-incoming" in Path(f"/proc/{line.split()[0]}/cmdline").read_bytes()]
