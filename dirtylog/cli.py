@@ -197,6 +197,32 @@ def verify_options(f):
                      help="Seconds before a migration that does not converge is a failure."),
         click.option("--boot-timeout", type=float, default=120.0, show_default=True,
                      help="Seconds to wait for the guest's readiness marker."),
+        click.option("--kernel", type=click.Path(path_type=Path), help="Use this zImage (bring your own guest)."),
+        click.option("--dtb", type=click.Path(path_type=Path), help="Use this device tree."),
+        click.option("--initrd", type=click.Path(path_type=Path),
+                     help="Use this initrd (gzip or plain cpio). A foreign one is ready at its shell prompt."),
+        click.option("--guest-cmd", "guest_cmds", multiple=True, metavar="COMMAND",
+                     help="Typed at the guest's shell prompt after boot (the 2014 way); repeatable."),
+        click.option("--ready-pattern", metavar="REGEX",
+                     help="Console output that says the guest is ready (default: DIRTYLOG-READY, or a "
+                          "shell prompt for a foreign initrd)."),
+        click.option("--inject", metavar="KIND[:N]",
+                     help="Negative control: untracked-writes[:N] (host writes behind QEMU's back into N "
+                          "source pages just before switchover) or corrupt-capture[:N] (flip bytes in N "
+                          "pages of the destination image). The run must FAIL and name those pages."),
+        click.option("--capability", "capabilities", multiple=True, metavar="NAME=on|off",
+                     help="Migration capability on both sides, e.g. multifd=on, xbzrle=on, auto-converge=on."),
+        click.option("--parameter", "parameters", multiple=True, metavar="NAME=VALUE",
+                     help="Migration parameter on the source, e.g. multifd-channels=4, xbzrle-cache-size=64M."),
+        click.option("--postcopy", is_flag=True,
+                     help="Switch to postcopy after the forced passes (destination stays paused)."),
+        click.option("--accel", type=click.Choice(["tcg", "kvm"]), default="tcg", show_default=True,
+                     help="Accelerator. KVM needs an arm64 host with a usable /dev/kvm and --machine virt."),
+        click.option("--tcg-thread", type=click.Choice(["single", "multi"]),
+                     help="TCG threading (default: QEMU's, multi-threaded with several vCPUs)."),
+        click.option("--kvm-dirty-ring", type=click.IntRange(1024, 65536),
+                     help="Use KVM's dirty ring with this many entries instead of the dirty bitmap."),
+        click.option("--seed", type=int, help="Seed for the random choices of --inject."),
         click.option("--run-dir", type=click.Path(path_type=Path),
                      help="Where this run's files go (default: ./dirtylog-runs/<time>-<id>)."),
         click.option("--json", "json_path", type=click.Path(path_type=Path),
@@ -209,11 +235,37 @@ def verify_options(f):
     return f
 
 
+def _key_values(items, option: str, booleans: bool) -> dict:
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise click.BadParameter(f"{item!r}: expected NAME=VALUE", param_hint=option)
+        if booleans:
+            if value not in ("on", "off", "true", "false"):
+                raise click.BadParameter(f"{item!r}: the value must be on or off", param_hint=option)
+            out[name] = value in ("on", "true")
+        elif re.fullmatch(r"\d+", value):
+            out[name] = int(value)
+        elif re.fullmatch(r"\d+[kKmMgG]i?", value):
+            out[name] = ByteRate().convert(value, None, None) if value[-1] not in "Mm" else int(value[:-1]) * 2**20
+        elif value in ("on", "off", "true", "false"):
+            out[name] = value in ("on", "true")
+        else:
+            out[name] = value
+    return out
+
+
 def _verify(console, artifacts, **kw):
-    from verifier.artifacts import load_artifacts
+    from verifier.artifacts import foreign_artifacts, load_artifacts
+    from verifier.inject import parse_inject
     from verifier.run import VerifyOptions, verify
     from verifier.workload import SEED_WORKLOADS
-    art = load_artifacts(artifacts)
+    if kw["kernel"] or kw["dtb"] or kw["initrd"]:
+        base = load_artifacts(artifacts) if (artifacts / "manifest.json").is_file() else None
+        art = foreign_artifacts(kw["kernel"], kw["dtb"], kw["initrd"], kw["machine"] or "vexpress-a15", base)
+    else:
+        art = load_artifacts(artifacts)
     for note in art.notes:
         console.step(f"note: {note}")
     opts = VerifyOptions(
@@ -221,7 +273,14 @@ def _verify(console, artifacts, **kw):
         workloads=tuple(kw["workloads"]) or SEED_WORKLOADS, trials=kw["trials"], run_dir=kw["run_dir"],
         capture=kw["capture"], transport=kw["transport"], migration_address=kw["migration_address"],
         min_passes=kw["min_passes"], migration_timeout_s=kw["migration_timeout"],
-        boot_timeout_s=kw["boot_timeout"], delete_images=kw["delete_images"], machine=kw["machine"])
+        boot_timeout_s=kw["boot_timeout"], delete_images=kw["delete_images"], machine=kw["machine"],
+        inject=parse_inject(kw["inject"]), capabilities=_key_values(kw["capabilities"], "--capability", True),
+        parameters=_key_values(kw["parameters"], "--parameter", False), postcopy=kw["postcopy"],
+        accel=kw["accel"], tcg_thread=kw["tcg_thread"], kvm_dirty_ring=kw["kvm_dirty_ring"],
+        guest_cmds=tuple(kw["guest_cmds"]), ready_pattern=kw["ready_pattern"], seed=kw["seed"])
+    if "max-bandwidth" in opts.parameters or "downtime-limit" in opts.parameters:
+        raise click.BadParameter("max-bandwidth and downtime-limit are driven by dirtylog: use "
+                                 "--max-bandwidth and --min-passes", param_hint="--parameter")
     if kw["json_path"] is not None and not kw["json_path"].parent.is_dir():
         raise click.BadParameter(f"directory of {kw['json_path']} does not exist", param_hint="--json")
     report = None

@@ -97,8 +97,8 @@ def test_plain_cpio_named_gz_is_accepted_as_the_kernel_does(artifacts, tmp_path)
     import gzip
     art = _copy_artifacts(artifacts, tmp_path / "art")
     _rewrite_manifest(art, "initrd.cpio-dirtyram.gz", gzip.decompress((art / "initrd.cpio-dirtyram.gz").read_bytes()))
-    res = run_dirtylog("verify", "--artifacts", art, "--machine", "virt", "--smp", "1",
-                       "--workload", "64:64:20", "--run-dir", tmp_path / "run")
+    res = run_dirtylog("verify", "--artifacts", art, "--machine", "virt", "--smp", "1", "--min-passes", "1",
+                       "--capture", "pmemsave", "--workload", "64:64:20", "--run-dir", tmp_path / "run")
     assert res.returncode == 0, res.stdout + res.stderr
     assert "is named .gz but is a newc cpio archive" in res.stderr
 
@@ -144,3 +144,19 @@ def test_offline_build_with_an_empty_cache_names_what_is_missing(tmp_path):
     last = _one_line_error(res, 3)
     assert "busybox-static" in last and "linux-image-" in last
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["--inject", "bogus"], "expected untracked-writes or corrupt-capture"),
+    (["--inject", "untracked-writes:0"], "between 1 and 4096"),
+    (["--inject", "untracked-writes", "--capture", "pmemsave"], "needs --capture backing-file"),
+    (["--postcopy", "--capture", "backing-file"], "--postcopy cannot use --capture backing-file"),
+    (["--capability", "multifd"], "expected NAME=VALUE"),
+    (["--capability", "multifd=maybe"], "must be on or off"),
+    (["--parameter", "max-bandwidth=5"], "driven by dirtylog"),
+    (["--accel", "kvm", "--machine", "vexpress-a15"], "--accel kvm"),
+    (["--tcg-thread", "multi", "--accel", "kvm"], "--tcg-thread applies to --accel tcg only"),
+])
+@pytest.mark.e2e
+def test_inconsistent_verify_options_are_refused(artifacts, args, expect):
+    assert expect in _one_line_error(run_dirtylog("verify", "--artifacts", artifacts, *args), 2)

@@ -41,6 +41,11 @@ class GuestArtifacts:
     manifest: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def foreign(self) -> bool:
+        """Not made by dirtylog's builder: no manifest, so no DIRTYLOG-READY marker to wait for."""
+        return not self.manifest
+
     def describe(self) -> dict:
         files = {"kernel": self.kernel, "dtb": self.dtb, "initrd": self.initrd}
         return {role: {"path": str(p), "sha256": sha256_file(p)} for role, p in files.items() if p}
@@ -171,6 +176,23 @@ def load_artifacts(directory: Path) -> GuestArtifacts:
     art = GuestArtifacts(kernel=by_role["kernel"], dtb=by_role.get("dtb"), initrd=by_role["initrd"],
                          machine=guest.get("machine", "vexpress-a15"),
                          min_mem_mb=int(guest.get("min_mem_mb", 64)), manifest=manifest)
+    validate(art)
+    return art
+
+
+def foreign_artifacts(kernel: Path, dtb: Path | None, initrd: Path, machine: str = "vexpress-a15",
+                      base: GuestArtifacts | None = None) -> GuestArtifacts:
+    """Bring-your-own guest: any of kernel/dtb/initrd given on the command line (the rest from
+    `base`, the artifacts directory, when there is one)."""
+    art = GuestArtifacts(kernel=kernel or (base.kernel if base else None),
+                         dtb=dtb or (base.dtb if base else None),
+                         initrd=initrd or (base.initrd if base else None),
+                         machine=base.machine if base else machine,
+                         min_mem_mb=base.min_mem_mb if base else 32,
+                         manifest=base.manifest if base and not initrd else {})
+    for role in ("kernel", "initrd"):
+        if getattr(art, role) is None:
+            raise InputError(f"--{role} is needed (no artifacts directory to take it from)")
     validate(art)
     return art
 

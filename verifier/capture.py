@@ -19,9 +19,13 @@ from .qemu import QemuBinary, QemuProcess
 METHODS = ("backing-file", "pmemsave")
 
 
-def choose(requested: str, qemu: QemuBinary) -> str:
+def choose(requested: str, qemu: QemuBinary, postcopy: bool = False) -> str:
+    if postcopy and requested == "backing-file":
+        # userfaultfd, which postcopy needs, works on anonymous memory and shmem, not disk files.
+        raise InputError("--postcopy cannot use --capture backing-file (guest RAM in a disk file); "
+                         "use --capture pmemsave")
     if requested == "auto":
-        return "backing-file"
+        return "pmemsave" if postcopy else "backing-file"
     if requested not in METHODS:
         raise InputError(f"--capture {requested}: expected one of auto, {', '.join(METHODS)}")
     return requested

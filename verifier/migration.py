@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 from pathlib import Path
 
 from .errors import MigrationError, QemuError
@@ -31,6 +32,8 @@ class MigrationPolicy:
     poll_interval_s: float = 0.1
     capabilities: dict[str, bool] = field(default_factory=dict)
     parameters: dict[str, object] = field(default_factory=dict)
+    postcopy: bool = False  # switch to postcopy once the forced passes are done
+    before_switchover: Callable[[], None] | None = None  # runs while the source is paused there
 
 
 @dataclass
@@ -47,10 +50,16 @@ def _ram(info: dict) -> dict:
 
 def configure(src: QemuProcess, dst: QemuProcess, policy: MigrationPolicy) -> None:
     """Capabilities must match on both sides; parameters only matter on the source."""
-    if policy.capabilities:
-        caps = [{"capability": k, "state": v} for k, v in policy.capabilities.items()]
+    both = dict(policy.capabilities)
+    if policy.postcopy:
+        both["postcopy-ram"] = True
+    if both:
+        caps = [{"capability": k, "state": v} for k, v in both.items()]
         for side in (src, dst):
             side.qmp("migrate-set-capabilities", capabilities=caps)
+    if policy.before_switchover is not None:
+        src.qmp("migrate-set-capabilities",
+                capabilities=[{"capability": "pause-before-switchover", "state": True}])
     if policy.parameters:
         src.qmp("migrate-set-parameters", **policy.parameters)
 
@@ -99,11 +108,20 @@ def run_migration(src: QemuProcess, dst: QemuProcess, uri: str, policy: Migratio
                 progress(info)
             if status == "completed":
                 break
+            if status == "pre-switchover":
+                policy.before_switchover()
+                src.qmp("migrate-continue", state="pre-switchover")
             if status in ("failed", "cancelled"):
                 raise MigrationError(f"migration {status}: {info.get('error-desc', 'no reason given')}")
             if not dst.alive():
                 raise MigrationError(f"destination QEMU died during the migration: {dst.output_tail()}")
-            if forcing and sync >= policy.min_passes:
+            if forcing and sync >= policy.min_passes and policy.postcopy:
+                forcing = False
+                if policy.max_bandwidth is None:
+                    set_params(**{"max-bandwidth": UNLIMITED_BANDWIDTH})
+                src.qmp("migrate-start-postcopy")
+                changes.append({"t": round(now, 3), "postcopy": "started"})
+            elif forcing and sync >= policy.min_passes:
                 forcing = False
                 if policy.max_bandwidth is None:
                     set_params(**{"max-bandwidth": UNLIMITED_BANDWIDTH})

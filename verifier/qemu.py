@@ -97,6 +97,7 @@ class GuestConfig:
     mem_mb: int
     smp: int
     accel: str = "tcg"
+    cpu: str | None = None  # default: the machine's CPU model
     ram_file: str | None = None  # memory-backend-file path (relative to the QEMU's working dir)
     extra_args: list[str] = field(default_factory=list)
 
@@ -116,7 +117,7 @@ def machine_args(qemu: QemuBinary, cfg: GuestConfig) -> list[str]:
     if qemu.version[:2] >= (8, 2):
         machine_opts.append("audiodev=dirtylog-snd")
     accel = cfg.accel
-    args = ["-machine", ",".join(machine_opts), "-accel", accel, "-cpu", m.cpu,
+    args = ["-machine", ",".join(machine_opts), "-accel", accel, "-cpu", cfg.cpu or m.cpu,
             "-smp", str(cfg.smp), "-m", f"{cfg.mem_mb}M"] + args
     args += ["-kernel", str(cfg.kernel), "-initrd", str(cfg.initrd)]
     if cfg.dtb:

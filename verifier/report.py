@@ -34,6 +34,7 @@ class TrialResult:
     images: dict = field(default_factory=dict)
     images_deleted: bool = False
     resume: dict = field(default_factory=dict)
+    injection: dict = field(default_factory=dict)
     cmdlines: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -169,6 +170,11 @@ class RunReport:
                 lines.append(f"  error: {t.error}")
             if t.resume and not t.resume.get("ok"):
                 lines.append(f"  destination did not run after resuming: {t.resume.get('detail')}")
+            if t.injection.get("injected"):
+                i = t.injection
+                lines.append(f"  negative control {i['kind']}: {i['detected']} of {i['injected']} injected pages "
+                             f"detected, {i['other_differences']} other differing pages"
+                             + (f"; MISSED {', '.join(map(str, i['missed']))}" if i["missed"] else ""))
             counts = t.compare.get("diagnosis_counts") if t.compare else None
             if counts:
                 lines.append("  diagnosis: " + ", ".join(f"{n} {k}" for k, n in counts.items()))

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import platform
 import re
 import secrets
 import shutil
 import socket
 import time
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import capture as _capture
+from . import inject as _inject
 from .artifacts import GuestArtifacts
 from .compare import compare_images
 from .errors import InputError, MigrationError, QemuError, VerifyError
@@ -50,6 +53,15 @@ class VerifyOptions:
     delete_images: bool = False
     extra_append: str = ""
     machine: str | None = None  # default: the machine named in the manifest
+    inject: tuple[str, int] | None = None  # ("untracked-writes" | "corrupt-capture", pages)
+    capabilities: dict = field(default_factory=dict)  # migration capabilities, both sides
+    parameters: dict = field(default_factory=dict)  # migration parameters, source
+    postcopy: bool = False
+    tcg_thread: str | None = None  # single | multi (QEMU's default: multi when it can)
+    kvm_dirty_ring: int | None = None  # KVM dirty ring size in entries; None = dirty bitmap
+    guest_cmds: tuple[str, ...] = ()  # typed at the shell prompt of a foreign guest
+    ready_pattern: str | None = None  # what says a foreign guest is ready (default: a shell prompt)
+    seed: int | None = None  # for the random choices of --inject
 
     def check(self, art: GuestArtifacts) -> None:
         if self.smp < 1 or self.smp > 8:
@@ -63,6 +75,14 @@ class VerifyOptions:
             raise InputError("--max-bandwidth must be a positive number of bytes per second")
         if self.transport not in ("unix", "tcp"):
             raise InputError(f"--transport {self.transport}: expected unix or tcp")
+        if self.accel not in ("tcg", "kvm"):
+            raise InputError(f"--accel {self.accel}: expected tcg or kvm")
+        if self.tcg_thread and self.accel != "tcg":
+            raise InputError("--tcg-thread applies to --accel tcg only")
+        if self.kvm_dirty_ring is not None and self.accel != "kvm":
+            raise InputError("--kvm-dirty-ring applies to --accel kvm only")
+        if art.foreign and not self.guest_cmds and self.ready_pattern is None:
+            pass  # a foreign guest is ready at its shell prompt
         check_fits(self.workloads, self.mem_mb)
 
 
@@ -97,7 +117,11 @@ def verify(art: GuestArtifacts, opts: VerifyOptions, reporter: Reporter | None =
     machine = MACHINES.get(opts.machine or art.machine)
     if machine is None:
         raise InputError(f"machine {opts.machine or art.machine!r} is not supported (known: {', '.join(MACHINES)})")
-    capture = _capture.choose(opts.capture, qemu)
+    capture = _capture.choose(opts.capture, qemu, postcopy=opts.postcopy)
+    if opts.inject and opts.inject[0] == "untracked-writes" and capture != "backing-file":
+        raise InputError("--inject untracked-writes writes through the source's RAM backing file: "
+                         "it needs --capture backing-file")
+    accel = _accel_spec(opts, machine)
     run_dir = (opts.run_dir or default_run_dir()).resolve()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -110,7 +134,7 @@ def verify(art: GuestArtifacts, opts: VerifyOptions, reporter: Reporter | None =
             trial = TrialResult(index=index, directory=run_dir / f"trial-{index:02d}")
             report.trials.append(trial)
             try:
-                _run_trial(trial, art, opts, qemu, machine, capture, reporter)
+                _run_trial(trial, art, opts, qemu, machine, capture, accel, reporter)
             except VerifyError as exc:
                 trial.verdict = "error"
                 trial.error = str(exc)
@@ -131,8 +155,24 @@ def verify(art: GuestArtifacts, opts: VerifyOptions, reporter: Reporter | None =
     return report
 
 
+def _accel_spec(opts: VerifyOptions, machine) -> tuple[str, str]:
+    """(-accel value, -cpu value). KVM runs guests of the host's own architecture only."""
+    if opts.accel == "tcg":
+        return ("tcg" + (f",thread={opts.tcg_thread}" if opts.tcg_thread else ""), machine.cpu)
+    host = platform.machine()
+    if host != "aarch64" or machine.name != "virt":
+        raise InputError(f"--accel kvm: an armv7 guest needs an arm64 host and --machine virt "
+                         f"(this host is {host}, the machine {machine.name})")
+    try:
+        os.close(os.open("/dev/kvm", os.O_RDWR))
+    except OSError as exc:
+        raise InputError(f"--accel kvm: /dev/kvm is not usable: {exc.strerror}") from None
+    ring = f",dirty-ring-size={opts.kvm_dirty_ring}" if opts.kvm_dirty_ring else ""
+    return ("kvm" + ring, "host,aarch64=off")
+
+
 def _run_trial(trial: TrialResult, art: GuestArtifacts, opts: VerifyOptions, qemu: QemuBinary,
-               machine, capture: str, reporter: Reporter) -> None:
+               machine, capture: str, accel: tuple[str, str], reporter: Reporter) -> None:
     tdir = trial.directory
     tdir.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
@@ -143,15 +183,24 @@ def _run_trial(trial: TrialResult, art: GuestArtifacts, opts: VerifyOptions, qem
         return GuestConfig(machine=machine, kernel=art.kernel.resolve(),
                            dtb=art.dtb.resolve() if art.dtb and machine.needs_dtb else None,
                            initrd=art.initrd.resolve(),
-                           append=append, mem_mb=opts.mem_mb, smp=opts.smp, accel=opts.accel,
+                           append=append, mem_mb=opts.mem_mb, smp=opts.smp, accel=accel[0], cpu=accel[1],
                            ram_file=f"{side}.ram" if capture == "backing-file" else None)
 
     if opts.transport == "unix":
         uri = "unix:migrate.sock"  # relative to the trial directory, the QEMUs' working directory
     else:
         uri = f"tcp:{opts.migration_address}:{_free_tcp_port(opts.migration_address)}"
+    rng = random.Random(opts.seed)
     policy = MigrationPolicy(max_bandwidth=opts.max_bandwidth, min_passes=opts.min_passes,
-                             timeout_s=opts.migration_timeout_s)
+                             timeout_s=opts.migration_timeout_s, capabilities=dict(opts.capabilities),
+                             parameters=dict(opts.parameters), postcopy=opts.postcopy)
+    if opts.inject and opts.inject[0] == "untracked-writes":
+        def inject_now() -> None:
+            pages = _inject.choose_zero_pages(tdir / "src.ram", opts.inject[1], rng)
+            _inject.write_untracked(tdir / "src.ram", pages, nonce=f"{trial.index}-{rng.getrandbits(32):08x}")
+            trial.injection = {"kind": "untracked-writes", "pages": pages}
+            reporter.step(f"trial {trial.index}: injected untracked writes into {len(pages)} source pages")
+        policy.before_switchover = inject_now
     dst_args = machine_args(qemu, config("dst")) + ["-S", "-incoming", "defer"]
     with QemuProcess(qemu, dst_args, tdir, "dst") as dst, \
             QemuProcess(qemu, machine_args(qemu, config("src")), tdir, "src") as src:
@@ -159,19 +208,7 @@ def _run_trial(trial: TrialResult, art: GuestArtifacts, opts: VerifyOptions, qem
         for side, proc in (("destination", dst), ("source", src)):
             reporter.detail(f"{side} QEMU: " + (tdir / f"cmdline-{proc.name}.txt").read_text().strip())
         reporter.step(f"trial {trial.index}: booting the source guest")
-        m = src.serial.wait_for(READY_RE, opts.boot_timeout_s, alive=src.alive)
-        if m is None:
-            if not src.alive():
-                src._raise_dead("exited while the guest was booting")
-            raise QemuError(f"the guest did not report ready within {opts.boot_timeout_s:.0f} s; "
-                            f"see {tdir / 'serial-src.log'}")
-        marker = m.group(0).decode(errors="replace")
-        if not marker.startswith("DIRTYLOG-READY"):
-            raise QemuError(f"the guest failed to start its workload: {marker.strip()} "
-                            f"(see {tdir / 'serial-src.log'})")
-        if int(m.group(1)) != len(opts.workloads):
-            raise QemuError(f"the guest started {m.group(1)} workloads instead of {len(opts.workloads)}; "
-                            "the initrd does not read dirtylog.workload (foreign initrd?)")
+        _wait_until_ready(src, art, opts, tdir)
         trial.timings["boot_s"] = round(time.monotonic() - t_start, 3)
         time.sleep(opts.settle_s)
         dst.qmp("migrate-incoming", uri=uri)
@@ -185,6 +222,9 @@ def _run_trial(trial: TrialResult, art: GuestArtifacts, opts: VerifyOptions, qem
         reporter.step(f"trial {trial.index}: capturing guest RAM ({capture})")
         t_cap = time.monotonic()
         images = _capture.capture(capture, src, dst, tdir, machine.ram_base, opts.mem_mb)
+        if opts.inject and opts.inject[0] == "corrupt-capture":
+            trial.injection = {"kind": "corrupt-capture",
+                               "pages": _inject.corrupt_capture(images["dst"], opts.inject[1], rng)}
         trial.images = {k: str(v) for k, v in images.items()}
         trial.timings["capture_s"] = round(time.monotonic() - t_cap, 3)
         src.close()
@@ -198,7 +238,36 @@ def _run_trial(trial: TrialResult, art: GuestArtifacts, opts: VerifyOptions, qem
     result = compare_images(images["src"], images["dst"])
     trial.timings["compare_s"] = round(time.monotonic() - t_cmp, 3)
     diagnose_trial(trial, result, machine.ram_base)
+    if trial.injection:
+        if "pages" not in trial.injection:
+            raise MigrationError("--inject untracked-writes: the source never paused before switchover")
+        trial.injection["addresses"] = [hex(machine.ram_base + p * 4096) for p in trial.injection["pages"]]
+        trial.injection.update(_inject.check(trial.injection["pages"], result.diff_pages))
     trial.timings["total_s"] = round(time.monotonic() - t_start, 3)
+
+
+PROMPT_RE = r"(?m)^(/[^\r\n#$]*)? ?[#$] "
+
+
+def _wait_until_ready(src: QemuProcess, art: GuestArtifacts, opts: VerifyOptions, tdir: Path) -> None:
+    """Our initrd says DIRTYLOG-READY; a foreign guest is ready at its shell prompt, where the
+    --guest-cmd lines are typed (the 2014 way: the workload was started by hand)."""
+    pattern = opts.ready_pattern or (PROMPT_RE if art.foreign else READY_RE)
+    m = src.serial.wait_for(pattern + r"|Kernel panic[^\r\n]*", opts.boot_timeout_s, alive=src.alive)
+    if m is None:
+        if not src.alive():
+            src._raise_dead("exited while the guest was booting")
+        raise QemuError(f"the guest did not report ready within {opts.boot_timeout_s:.0f} s; "
+                        f"see {tdir / 'serial-src.log'}")
+    marker = m.group(0).decode(errors="replace").strip()
+    if marker.startswith("Kernel panic") or marker.startswith("DIRTYLOG-FAILED"):
+        raise QemuError(f"the guest failed to start: {marker} (see {tdir / 'serial-src.log'})")
+    if marker.startswith("DIRTYLOG-READY") and int(m.group(1)) != len(opts.workloads):
+        raise QemuError(f"the guest started {m.group(1)} workloads instead of {len(opts.workloads)}; "
+                        "the initrd does not read dirtylog.workload")
+    for cmd in opts.guest_cmds:
+        src.serial.write(cmd + "\n")
+        time.sleep(0.5)
 
 
 def _check_destination_runs(dst: QemuProcess) -> dict:

@@ -1,0 +1,104 @@
+"""Negative controls: faults injected on purpose, to prove that a verification can fail.
+
+- untracked-writes: while the source is paused just before switchover (the
+  `pause-before-switchover` capability), a separate host process writes a marker into a few
+  guest pages through the source's shared RAM backing file: memory changed behind QEMU's back,
+  so its dirty log cannot know. The destination must be found to differ in exactly those pages.
+- corrupt-capture: bytes flipped in the destination's captured image; the comparison must name
+  exactly those pages.
+
+Run as `python -m verifier.inject IMAGE NONCE PAGE...` it is the separate writer process.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+from .errors import CaptureError, InputError
+
+PAGE_SIZE = 4096
+MARKER_OFFSET = 2048  # middle of the page: never where dirtyram's header lives
+KINDS = ("untracked-writes", "corrupt-capture")
+SKIP_LOW_BYTES = 16 << 20  # leave the kernel image alone: the guest must keep running
+
+
+def parse_inject(text: str | None) -> tuple[str, int] | None:
+    if not text:
+        return None
+    kind, _, count = text.partition(":")
+    if kind not in KINDS:
+        raise InputError(f"--inject {text}: expected {' or '.join(KINDS)}, optionally with :N pages")
+    try:
+        n = int(count) if count else 8
+    except ValueError:
+        raise InputError(f"--inject {text}: N must be a whole number of pages") from None
+    if not 1 <= n <= 4096:
+        raise InputError(f"--inject {text}: N must be between 1 and 4096")
+    return kind, n
+
+
+def marker(nonce: str, page: int) -> bytes:
+    return f"DIRTYLOG-INJECTED nonce={nonce} page={page}\n".encode()
+
+
+def choose_zero_pages(image: Path, n: int, rng: random.Random) -> list[int]:
+    """n distinct pages that are all zero now (unused by the guest, most likely untouched soon)."""
+    size = image.stat().st_size
+    first, last = SKIP_LOW_BYTES // PAGE_SIZE, size // PAGE_SIZE
+    zero = bytes(PAGE_SIZE)
+    chosen: set[int] = set()
+    with open(image, "rb") as f:
+        for _ in range(200 * n):
+            p = rng.randrange(first, last)
+            if p not in chosen and os.pread(f.fileno(), PAGE_SIZE, p * PAGE_SIZE) == zero:
+                chosen.add(p)
+                if len(chosen) == n:
+                    return sorted(chosen)
+    raise CaptureError(f"could not find {n} unused pages in {image} to inject into")
+
+
+def write_untracked(image: Path, pages: list[int], nonce: str) -> None:
+    """Write the markers from a separate process, as any other host program could."""
+    proc = subprocess.run([sys.executable, "-m", "verifier.inject", str(image), nonce, *map(str, pages)],
+                          capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0:
+        raise CaptureError(f"the injecting process failed: {proc.stderr.strip()[-300:]}")
+
+
+def corrupt_capture(image: Path, n: int, rng: random.Random) -> list[int]:
+    size = image.stat().st_size
+    pages = sorted(rng.sample(range(size // PAGE_SIZE), n))
+    with open(image, "r+b") as f:
+        for p in pages:
+            off = p * PAGE_SIZE + rng.randrange(PAGE_SIZE)
+            byte = os.pread(f.fileno(), 1, off)
+            os.pwrite(f.fileno(), bytes([byte[0] ^ 0xFF]), off)
+    return pages
+
+
+def check(injected: list[int], diff_pages) -> dict:
+    """Did the comparison name exactly the injected pages?"""
+    diff = set(diff_pages)
+    inj = set(injected)
+    return {"injected": len(inj), "detected": len(inj & diff), "missed": sorted(inj - diff),
+            "other_differences": len(diff - inj)}
+
+
+def _main(argv: list[str]) -> int:
+    image, nonce, pages = Path(argv[0]), argv[1], [int(p) for p in argv[2:]]
+    fd = os.open(image, os.O_RDWR)
+    try:
+        for p in pages:
+            os.pwrite(fd, marker(nonce, p), p * PAGE_SIZE + MARKER_OFFSET)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
