@@ -201,3 +201,34 @@ def test_negative_control_fails_and_names_exactly_the_injected_pages(artifacts, 
         kinds = {d["start"]: d["diagnosis"] for d in report["trials"][0]["differences"]}
         assert all(kinds[a] == "never-sent" for a in inj["addresses"])
     assert f"{kind}: 6 of 6 injected pages detected" in res.stdout
+
+
+def test_foreign_2014_style_initrd_with_workload_typed_at_the_prompt(artifacts, tmp_path):
+    """The 2014 initrd was a plain cpio named .gz whose /init dropped to a shell; the workload
+    was typed by hand. Same here, through --initrd and --guest-cmd."""
+    import gzip
+    from builder.cpio import CpioWriter, iter_newc
+    members = list(iter_newc(gzip.decompress((artifacts / "initrd.cpio-dirtyram.gz").read_bytes())))
+    foreign = tmp_path / "initrd.cpio-dirtyram.gz"
+    with open(foreign, "wb") as f, CpioWriter(f, mtime=0) as w:
+        for m in members:
+            kind = m.mode & 0o170000
+            if m.name == "init":
+                w.add_file("init", b"#!/bin/sh\nmount -t proc proc /proc\nmount -t devtmpfs dev /dev\nexec </dev/console >/dev/console 2>&1\nexec /bin/sh\n", 0o755)
+            elif kind == 0o040000:
+                w.add_dir(m.name, m.mode & 0o7777)
+            elif kind == 0o120000:
+                w.add_symlink(m.name, m.data.decode())
+            elif kind == 0o020000:
+                w.add_chardev(m.name, m.rdevmajor, m.rdevminor, m.mode & 0o7777)
+            else:
+                w.add_file(m.name, m.data, m.mode & 0o7777)
+    run_dir = tmp_path / "run"
+    res = run_dirtylog("verify", "--artifacts", tmp_path / "none", "--kernel", artifacts / "zImage",
+                       "--initrd", foreign, "--machine", "virt", "--smp", "1", "--min-passes", "1",
+                       "--capture", "pmemsave", "--guest-cmd", "cd /root",
+                       "--guest-cmd", "./dirtyram.arm 512 512 50 &", "--run-dir", run_dir)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "is named .gz but is a newc cpio archive" in res.stderr
+    serial = (run_dir / "trial-01" / "serial-src.log").read_text(errors="replace")
+    assert "param: total=0x200, dirty ram=0x200, interval=50 mS" in serial
