@@ -223,6 +223,13 @@ def verify_options(f):
         click.option("--kvm-dirty-ring", type=click.IntRange(1024, 65536),
                      help="Use KVM's dirty ring with this many entries instead of the dirty bitmap."),
         click.option("--seed", type=int, help="Seed for the random choices of --inject."),
+        click.option("--host-backing", type=click.Choice(["auto", "anon", "file", "memfd", "memfd-hugetlb", "thp"]),
+                     default="auto", show_default=True,
+                     help="What backs guest RAM on the host (auto: a shared file for --capture backing-file, "
+                          "anonymous memory otherwise). The report states the page sizes really in effect."),
+        click.option("--guest-pages", type=click.Choice(["4k", "hugetlb", "thp"]), default="4k", show_default=True,
+                     help="How dirtyram maps its buffers in the guest: 4 KiB pages, 2 MiB MAP_HUGETLB "
+                          "(the initrd reserves them) or MADV_HUGEPAGE."),
         click.option("--run-dir", type=click.Path(path_type=Path),
                      help="Where this run's files go (default: ./dirtylog-runs/<time>-<id>)."),
         click.option("--json", "json_path", type=click.Path(path_type=Path),
@@ -277,7 +284,8 @@ def _verify(console, artifacts, **kw):
         inject=parse_inject(kw["inject"]), capabilities=_key_values(kw["capabilities"], "--capability", True),
         parameters=_key_values(kw["parameters"], "--parameter", False), postcopy=kw["postcopy"],
         accel=kw["accel"], tcg_thread=kw["tcg_thread"], kvm_dirty_ring=kw["kvm_dirty_ring"],
-        guest_cmds=tuple(kw["guest_cmds"]), ready_pattern=kw["ready_pattern"], seed=kw["seed"])
+        guest_cmds=tuple(kw["guest_cmds"]), ready_pattern=kw["ready_pattern"], seed=kw["seed"],
+        host_backing=kw["host_backing"], guest_pages=kw["guest_pages"])
     if "max-bandwidth" in opts.parameters or "downtime-limit" in opts.parameters:
         raise click.BadParameter("max-bandwidth and downtime-limit are driven by dirtylog: use "
                                  "--max-bandwidth and --min-passes", param_hint="--parameter")

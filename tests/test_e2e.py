@@ -232,3 +232,27 @@ def test_foreign_2014_style_initrd_with_workload_typed_at_the_prompt(artifacts, 
     assert "is named .gz but is a newc cpio archive" in res.stderr
     serial = (run_dir / "trial-01" / "serial-src.log").read_text(errors="replace")
     assert "param: total=0x200, dirty ram=0x200, interval=50 mS" in serial
+
+
+@pytest.fixture
+def host_hugepages():
+    """Reserve 2 MiB huge pages for two 256 MiB guests, then give them back."""
+    knob = Path("/proc/sys/vm/nr_hugepages")
+    before = knob.read_text()
+    knob.write_text("300")
+    yield int(knob.read_text())
+    knob.write_text(before)
+
+
+def test_huge_pages_on_both_layers_are_reported_as_read_back(artifacts, tmp_path, host_hugepages):
+    assert host_hugepages >= 256
+    run_dir = tmp_path / "run"
+    res = run_dirtylog("verify", "--artifacts", artifacts, "--machine", "virt", "--smp", "1", "--min-passes", "1",
+                       "--host-backing", "memfd-hugetlb", "--guest-pages", "hugetlb",
+                       "--workload", "1024:512:50", "--workload", "16:16:10", "--run-dir", run_dir)
+    assert res.returncode in (0, 1), res.stdout + res.stderr
+    pages = _report(run_dir)["trials"][0]["page_sizes"]
+    assert pages["host"]["src"]["kernel_page_size_kb"] == 2048
+    assert pages["guest"]["hugepages_reserved"] == pages["guest"]["hugepages_requested"] == 3
+    assert pages["guest"]["dirtyram_flags"] == ["101"]  # format v1 + MAP_HUGETLB
+    assert "2048 kB pages" in res.stdout

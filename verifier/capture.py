@@ -19,7 +19,13 @@ from .qemu import QemuBinary, QemuProcess
 METHODS = ("backing-file", "pmemsave")
 
 
-def choose(requested: str, qemu: QemuBinary, postcopy: bool = False) -> str:
+def choose(requested: str, qemu: QemuBinary, postcopy: bool = False, host_backing: str = "auto") -> str:
+    if host_backing not in ("auto", "file") and requested == "backing-file":
+        raise InputError(f"--capture backing-file needs --host-backing file, not {host_backing}")
+    if host_backing not in ("auto", "file") and requested == "auto":
+        return "pmemsave"
+    if host_backing == "file" and postcopy:
+        raise InputError("--postcopy cannot use --host-backing file (userfaultfd does not work on disk files)")
     if postcopy and requested == "backing-file":
         # userfaultfd, which postcopy needs, works on anonymous memory and shmem, not disk files.
         raise InputError("--postcopy cannot use --capture backing-file (guest RAM in a disk file); "

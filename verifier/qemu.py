@@ -99,6 +99,7 @@ class GuestConfig:
     accel: str = "tcg"
     cpu: str | None = None  # default: the machine's CPU model
     ram_file: str | None = None  # memory-backend-file path (relative to the QEMU's working dir)
+    host_backing: str = "anon"  # anon | file | memfd | memfd-hugetlb | thp
     extra_args: list[str] = field(default_factory=list)
 
 
@@ -107,10 +108,15 @@ def machine_args(qemu: QemuBinary, cfg: GuestConfig) -> list[str]:
     m = cfg.machine
     machine_opts = [m.qemu_machine]
     args: list[str] = []
-    if cfg.ram_file:
+    backend = {
         # The guest RAM itself is a file shared with QEMU: capturing it costs no copy.
-        args += ["-object", f"memory-backend-file,id=dirtylog-ram,size={cfg.mem_mb}M,"
-                            f"mem-path={cfg.ram_file},share=on"]
+        "file": f"memory-backend-file,mem-path={cfg.ram_file},share=on",
+        "memfd": "memory-backend-memfd,share=on",
+        "memfd-hugetlb": "memory-backend-memfd,share=on,hugetlb=on,hugetlbsize=2M",
+        "thp": "memory-backend-ram",  # QEMU asks for THP (MADV_HUGEPAGE) on its RAM
+    }.get("file" if cfg.ram_file else cfg.host_backing)
+    if backend:
+        args += ["-object", f"{backend},id=dirtylog-ram,size={cfg.mem_mb}M"]
         machine_opts.append("memory-backend=dirtylog-ram")
     # vexpress has a sound device; without an audiodev QEMU probes ALSA and prints noise.
     args += ["-audiodev", "none,id=dirtylog-snd"]
@@ -351,6 +357,26 @@ class QemuProcess:
 
     def status(self) -> str:
         return self.qmp("query-status")["status"]
+
+    def ram_page_sizes(self, mem_mb: int) -> dict | None:
+        """Page sizes really in effect for the guest RAM mapping, read from /proc/PID/smaps."""
+        if not self.alive():
+            return None
+        want = mem_mb * 1024  # kB
+        try:
+            text = open(f"/proc/{self.proc.pid}/smaps").read()
+        except OSError:
+            return None
+        for block in re.split(r"\n(?=[0-9a-f]+-[0-9a-f]+ )", text):
+            fields = dict(re.findall(r"^(\w+):\s+(\d+) kB", block, re.M))
+            if int(fields.get("Size", 0)) == want:
+                head = block.split("\n", 1)[0].split()
+                return {"mapping": " ".join(head[5:]) or "[anonymous]",
+                        "kernel_page_size_kb": int(fields.get("KernelPageSize", 0)),
+                        "anon_huge_pages_kb": int(fields.get("AnonHugePages", 0)),
+                        "shmem_huge_pages_kb": int(fields.get("ShmemPmdMapped", 0)),
+                        "rss_kb": int(fields.get("Rss", 0))}
+        return None
 
 
 def _shell_quote(arg: str) -> str:

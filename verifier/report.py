@@ -35,6 +35,7 @@ class TrialResult:
     images_deleted: bool = False
     resume: dict = field(default_factory=dict)
     injection: dict = field(default_factory=dict)
+    page_sizes: dict = field(default_factory=dict)
     cmdlines: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -170,6 +171,8 @@ class RunReport:
                 lines.append(f"  error: {t.error}")
             if t.resume and not t.resume.get("ok"):
                 lines.append(f"  destination did not run after resuming: {t.resume.get('detail')}")
+            if t.page_sizes:
+                lines.append("  pages: " + _page_sizes_text(t.page_sizes))
             if t.injection.get("injected"):
                 i = t.injection
                 lines.append(f"  negative control {i['kind']}: {i['detected']} of {i['injected']} injected pages "
@@ -188,6 +191,22 @@ class RunReport:
             if len(t.destination_invariant) > 10:
                 lines.append(f"  ... {len(t.destination_invariant) - 10} more destination-only findings in report.json")
         return "\n".join(lines) + "\n"
+
+
+def _page_sizes_text(p: dict) -> str:
+    host, guest = p.get("host", {}), p.get("guest", {})
+    src = host.get("src") or {}
+    text = f"host {host.get('backing')} RAM"
+    if src:
+        text += f" ({src['kernel_page_size_kb']} kB pages"
+        huge = src.get("anon_huge_pages_kb", 0) + src.get("shmem_huge_pages_kb", 0)
+        text += f", {huge // 1024} MiB in transparent huge pages)" if huge else ")"
+    text += f"; guest dirtyram {guest.get('requested')}"
+    if "hugepages_reserved" in guest:
+        text += f" ({guest['hugepages_reserved']} of {guest['hugepages_requested']} huge pages reserved)"
+    if "transparent_hugepage" in guest:
+        text += f" (THP {guest['transparent_hugepage']})"
+    return text
 
 
 def _trial_line(t: TrialResult) -> str:

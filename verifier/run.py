@@ -62,6 +62,8 @@ class VerifyOptions:
     guest_cmds: tuple[str, ...] = ()  # typed at the shell prompt of a foreign guest
     ready_pattern: str | None = None  # what says a foreign guest is ready (default: a shell prompt)
     seed: int | None = None  # for the random choices of --inject
+    host_backing: str = "auto"  # anon | file | memfd | memfd-hugetlb | thp; auto: file for backing-file capture
+    guest_pages: str = "4k"  # 4k | hugetlb | thp: how dirtyram maps its buffers in the guest
 
     def check(self, art: GuestArtifacts) -> None:
         if self.smp < 1 or self.smp > 8:
@@ -117,7 +119,10 @@ def verify(art: GuestArtifacts, opts: VerifyOptions, reporter: Reporter | None =
     machine = MACHINES.get(opts.machine or art.machine)
     if machine is None:
         raise InputError(f"machine {opts.machine or art.machine!r} is not supported (known: {', '.join(MACHINES)})")
-    capture = _capture.choose(opts.capture, qemu, postcopy=opts.postcopy)
+    capture = _capture.choose(opts.capture, qemu, postcopy=opts.postcopy, host_backing=opts.host_backing)
+    opts.host_backing = "file" if capture == "backing-file" else (
+        "anon" if opts.host_backing == "auto" else opts.host_backing)
+    _check_host_backing(opts)
     if opts.inject and opts.inject[0] == "untracked-writes" and capture != "backing-file":
         raise InputError("--inject untracked-writes writes through the source's RAM backing file: "
                          "it needs --capture backing-file")
@@ -155,6 +160,36 @@ def verify(art: GuestArtifacts, opts: VerifyOptions, reporter: Reporter | None =
     return report
 
 
+HUGEPAGE_KB = 2048
+
+
+def _check_host_backing(opts: VerifyOptions) -> None:
+    """Huge pages the host cannot give are a clear refusal, never a silent fallback."""
+    if opts.host_backing == "memfd-hugetlb":
+        info = dict(re.findall(r"^(\w+):\s+(\d+)", Path("/proc/meminfo").read_text(), re.M))
+        free = int(info.get("HugePages_Free", 0))
+        need = 2 * (opts.mem_mb * 1024 // HUGEPAGE_KB)
+        if free < need:
+            raise InputError(f"--host-backing memfd-hugetlb: the host has {free} free 2 MiB huge pages, "
+                             f"source and destination need {need} (echo {need} > /proc/sys/vm/nr_hugepages)")
+    if opts.host_backing == "thp":
+        mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+        if "[never]" in mode:
+            raise InputError("--host-backing thp: transparent huge pages are disabled on this host "
+                             "(/sys/kernel/mm/transparent_hugepage/enabled says never)")
+
+
+def guest_pages_append(opts: VerifyOptions) -> str:
+    """Kernel command line for the guest-side page size of the dirtyram buffers."""
+    if opts.guest_pages == "hugetlb":
+        # each instance's buffer is rounded up to whole 2 MiB pages
+        pages = sum(-(-w.bytes // (HUGEPAGE_KB * 1024)) for w in opts.workloads)
+        return f"dirtylog.dirtyram_opts=--hugetlb dirtylog.hugepages={pages}"
+    if opts.guest_pages == "thp":
+        return "dirtylog.dirtyram_opts=--thp"
+    return ""
+
+
 def _accel_spec(opts: VerifyOptions, machine) -> tuple[str, str]:
     """(-accel value, -cpu value). KVM runs guests of the host's own architecture only."""
     if opts.accel == "tcg":
@@ -177,14 +212,16 @@ def _run_trial(trial: TrialResult, art: GuestArtifacts, opts: VerifyOptions, qem
     tdir.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
     append = " ".join(a for a in (f"console={machine.console}", "panic=1",
-                                  kernel_cmdline_arg(opts.workloads), opts.extra_append) if a)
+                                  kernel_cmdline_arg(opts.workloads), guest_pages_append(opts),
+                                  opts.extra_append) if a)
 
     def config(side: str) -> GuestConfig:
         return GuestConfig(machine=machine, kernel=art.kernel.resolve(),
                            dtb=art.dtb.resolve() if art.dtb and machine.needs_dtb else None,
                            initrd=art.initrd.resolve(),
                            append=append, mem_mb=opts.mem_mb, smp=opts.smp, accel=accel[0], cpu=accel[1],
-                           ram_file=f"{side}.ram" if capture == "backing-file" else None)
+                           ram_file=f"{side}.ram" if capture == "backing-file" else None,
+                           host_backing=opts.host_backing)
 
     if opts.transport == "unix":
         uri = "unix:migrate.sock"  # relative to the trial directory, the QEMUs' working directory
@@ -221,6 +258,8 @@ def _run_trial(trial: TrialResult, art: GuestArtifacts, opts: VerifyOptions, qem
         trial.warnings += result.warnings
         reporter.step(f"trial {trial.index}: capturing guest RAM ({capture})")
         t_cap = time.monotonic()
+        trial.page_sizes = {"host": {"backing": opts.host_backing, "src": src.ram_page_sizes(opts.mem_mb)},
+                            "guest": _guest_page_report(src.serial.text, opts)}
         images = _capture.capture(capture, src, dst, tdir, machine.ram_base, opts.mem_mb)
         if opts.inject and opts.inject[0] == "corrupt-capture":
             trial.injection = {"kind": "corrupt-capture",
@@ -244,6 +283,21 @@ def _run_trial(trial: TrialResult, art: GuestArtifacts, opts: VerifyOptions, qem
         trial.injection["addresses"] = [hex(machine.ram_base + p * 4096) for p in trial.injection["pages"]]
         trial.injection.update(_inject.check(trial.injection["pages"], result.diff_pages))
     trial.timings["total_s"] = round(time.monotonic() - t_start, 3)
+
+
+def _guest_page_report(console: str, opts: VerifyOptions) -> dict:
+    """What the guest said about its pages (init reports reservations and THP mode)."""
+    out = {"requested": opts.guest_pages}
+    m = re.search(r"hugepages requested=(\d+) reserved=(\d+)", console)
+    if m:
+        out["hugepages_requested"], out["hugepages_reserved"] = int(m.group(1)), int(m.group(2))
+    m = re.search(r"transparent_hugepage: ([^\r\n]*)", console)
+    if m:
+        out["transparent_hugepage"] = m.group(1).strip()
+    flags = re.findall(r"flags=0x([0-9a-f]+)", console)
+    if flags:
+        out["dirtyram_flags"] = sorted(set(flags))
+    return out
 
 
 PROMPT_RE = r"(?m)^(/[^\r\n#$]*)? ?[#$] "

@@ -86,18 +86,23 @@ def savedirtylog_args(path: str | os.PathLike | None = None) -> list[str]:
 
 
 def wait_for_image(path: str | os.PathLike, size: int, timeout: float,
-                   alive=None, poll_s: float = 0.05) -> Path:
+                   alive=None, poll_s: float = 0.05, newer_than: float | None = None) -> Path:
     """Wait until QEMU has written the image *path* of exactly *size* bytes.
 
     QEMU renames the image into place only once it is complete and synced, so existence with
     the right size means done.  Raises CaptureError on timeout, on a wrong size, or as soon as
     *alive* (a callable, e.g. ``proc.alive``) says QEMU is gone without having written it.
+    *newer_than* (a ``time.time()`` value, e.g. taken before starting QEMU) ignores an older
+    file left at *path* by an earlier run; better still, remove it before starting QEMU.
     """
     path = Path(path)
     deadline = time.monotonic() + timeout
     while True:
         try:
-            actual = path.stat().st_size
+            st = path.stat()
+            actual = st.st_size
+            if newer_than is not None and st.st_mtime < newer_than - 1:
+                actual = None  # a stale image; QEMU's rename will replace it
         except FileNotFoundError:
             actual = None
         if actual == size:
