@@ -172,9 +172,10 @@ def lock_cmd(console, refresh, mirror):
 # -- verify ---------------------------------------------------------------------------------------
 def verify_options(f):
     opts = [
-        click.option("--qemu", default="qemu-system-arm", show_default=True, help="QEMU system emulator to test."),
-        click.option("--machine", type=click.Choice(["vexpress-a15", "virt"]), default=None,
-                     help="Guest machine model (default: the manifest's, vexpress-a15 as in 2014)."),
+        click.option("--qemu", default=None,
+                     help="QEMU system emulator to test (default: qemu-system-arm, -aarch64 or -x86_64 by machine)."),
+        click.option("--machine", type=click.Choice(["vexpress-a15", "virt", "virt-aarch64", "q35"]), default=None,
+                     help="Guest machine model (default: the manifest's; armv7: vexpress-a15 as in 2014, or virt)."),
         click.option("--smp", type=int, default=2, show_default=True, help="Guest vCPUs."),
         click.option("--mem", "mem_mb", type=int, default=256, show_default=True, help="Guest RAM in MiB."),
         click.option("--max-bandwidth", type=ByteRate(), default=None,

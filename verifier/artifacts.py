@@ -38,6 +38,7 @@ class GuestArtifacts:
     initrd: Path
     machine: str = "vexpress-a15"
     min_mem_mb: int = 64
+    arch: str = "armv7"
     manifest: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -71,9 +72,21 @@ def _read_head(path: Path, n: int, role: str) -> bytes:
         raise InputError(f"cannot read {role} {path}: {exc.strerror}") from None
 
 
-def check_kernel(path: Path) -> None:
+def check_kernel(path: Path, arch: str = "armv7") -> None:
+    """Is `path` a kernel image QEMU can boot for a guest of `arch`?"""
     head = _read_head(path, 0x240, "kernel")
-    if len(head) >= 0x28 and struct.unpack_from("<I", head, 0x24)[0] == ZIMAGE_MAGIC:
+    is_zimage = len(head) >= 0x28 and struct.unpack_from("<I", head, 0x24)[0] == ZIMAGE_MAGIC
+    is_arm64 = len(head) >= 0x3C and head[0x38:0x3C] == b"ARM\x64"
+    is_bzimage = len(head) >= 0x206 and head[0x202:0x206] == b"HdrS"
+    if arch == "aarch64":
+        if is_arm64 or head[:2] == b"\x1f\x8b":  # QEMU unpacks a gzip-compressed arm64 Image itself
+            return
+        raise InputError(f"kernel {path} is not an arm64 Image (no ARM\\x64 magic at 0x38, not gzip)")
+    if arch == "x86_64":
+        if is_bzimage:
+            return
+        raise InputError(f"kernel {path} is not an x86 bzImage (no HdrS at 0x202)")
+    if is_zimage:
         return
     if head[:4] == b"\x7fELF":
         machine = struct.unpack_from("<H", head, 18)[0] if len(head) > 20 else 0
@@ -121,7 +134,7 @@ def fdt_root_compatible(path: Path) -> list[str]:
         raise InputError(f"device tree {path} is truncated or corrupt") from None
 
 
-MACHINE_DTB_COMPATIBLE = {"vexpress-a15": "arm,vexpress", "virt": None}
+MACHINE_DTB_COMPATIBLE = {"vexpress-a15": "arm,vexpress"}
 
 
 def check_dtb(path: Path, machine: str) -> None:
@@ -174,20 +187,20 @@ def load_artifacts(directory: Path) -> GuestArtifacts:
             raise InputError(f"{mpath} names no {role}")
     guest = manifest.get("guest", {})
     art = GuestArtifacts(kernel=by_role["kernel"], dtb=by_role.get("dtb"), initrd=by_role["initrd"],
-                         machine=guest.get("machine", "vexpress-a15"),
+                         machine=guest.get("machine", "vexpress-a15"), arch=manifest.get("arch", "armv7"),
                          min_mem_mb=int(guest.get("min_mem_mb", 64)), manifest=manifest)
     validate(art)
     return art
 
 
 def foreign_artifacts(kernel: Path, dtb: Path | None, initrd: Path, machine: str = "vexpress-a15",
-                      base: GuestArtifacts | None = None) -> GuestArtifacts:
+                      base: GuestArtifacts | None = None, arch: str = "armv7") -> GuestArtifacts:
     """Bring-your-own guest: any of kernel/dtb/initrd given on the command line (the rest from
     `base`, the artifacts directory, when there is one)."""
     art = GuestArtifacts(kernel=kernel or (base.kernel if base else None),
                          dtb=dtb or (base.dtb if base else None),
                          initrd=initrd or (base.initrd if base else None),
-                         machine=base.machine if base else machine,
+                         machine=base.machine if base else machine, arch=base.arch if base else arch,
                          min_mem_mb=base.min_mem_mb if base else 32,
                          manifest=base.manifest if base and not initrd else {})
     for role in ("kernel", "initrd"):
@@ -198,7 +211,7 @@ def foreign_artifacts(kernel: Path, dtb: Path | None, initrd: Path, machine: str
 
 
 def validate(art: GuestArtifacts) -> None:
-    check_kernel(art.kernel)
+    check_kernel(art.kernel, art.arch)
     if art.dtb is not None:
         check_dtb(art.dtb, art.machine)
     art.notes += check_initrd(art.initrd)

@@ -141,7 +141,7 @@ def memory_map(page_count: int, ram_base: int, differences: list[dict], title: s
     if page_count < rows * MAP_COLUMNS:
         grid[page_count:] = 0
     colours = [DIAGNOSIS_COLOURS.get(k, OTHER_COLOUR) for k in kinds]
-    height = min(9.0, max(2.0, rows / 40))
+    height = min(6.0, max(2.0, rows / 40))
     fig, ax = plt.subplots(figsize=(7.5, height))
     ax.imshow(grid.reshape(rows, MAP_COLUMNS), cmap=ListedColormap(colours), vmin=0, vmax=max(len(kinds) - 1, 1),
               interpolation="nearest", aspect="auto")

@@ -165,7 +165,8 @@ KEYS = {
 NOT_SUPPORTED = {
     "arch": "the verifier runs armv7 guests only (qemu-system-arm)",
     "accel": "matrices run TCG only",
-    "host_backing": "guest RAM backing is chosen by `capture`",
+    "host_backing": "the host RAM backing is not a matrix key yet (backing-file capture uses a file)",
+    "guest_pages": "the guest page size is not a matrix key yet",
     "capabilities": "migration capabilities are not a matrix key yet (use `dirtylog verify --capability`)",
     "parameters": "migration parameters are not a matrix key yet (use `dirtylog verify --parameter`)",
 }

@@ -77,14 +77,26 @@ class Machine:
     ram_base: int
     min_mem_mb: int
     needs_dtb: bool = True  # False: QEMU generates the device tree itself
+    arch: str = "armv7"  # the guest architecture the artifacts must be built for
+    qemu_binary: str = "qemu-system-arm"
+    has_sound: bool = False  # a sound device that wants an audiodev
 
 
 MACHINES = {
     # The seed's board: CoreTile Express A15x2; RAM starts at 0x80000000.
-    "vexpress-a15": Machine("vexpress-a15", "vexpress-a15", "cortex-a15", "ttyAMA0", 0x80000000, 64),
+    "vexpress-a15": Machine("vexpress-a15", "vexpress-a15", "cortex-a15", "ttyAMA0", 0x80000000, 64,
+                            has_sound=True),
     # QEMU's generic board; it generates its own device tree.
     "virt": Machine("virt", "virt", "cortex-a15", "ttyAMA0", 0x40000000, 64, needs_dtb=False),
+    "virt-aarch64": Machine("virt-aarch64", "virt", "cortex-a57", "ttyAMA0", 0x40000000, 128,
+                            needs_dtb=False, arch="aarch64", qemu_binary="qemu-system-aarch64"),
+    # RAM below 4 GiB is linear from 0 (the image also holds what sits in the legacy VGA/BIOS hole).
+    "q35": Machine("q35", "q35", "max", "ttyS0", 0x0, 128, needs_dtb=False, arch="x86_64",
+                   qemu_binary="qemu-system-x86_64"),
 }
+
+MACHINES_BY_ARCH = {arch: [m for m in MACHINES.values() if m.arch == arch]
+                    for arch in ("armv7", "aarch64", "x86_64")}
 
 
 @dataclass
@@ -118,10 +130,11 @@ def machine_args(qemu: QemuBinary, cfg: GuestConfig) -> list[str]:
     if backend:
         args += ["-object", f"{backend},id=dirtylog-ram,size={cfg.mem_mb}M"]
         machine_opts.append("memory-backend=dirtylog-ram")
-    # vexpress has a sound device; without an audiodev QEMU probes ALSA and prints noise.
-    args += ["-audiodev", "none,id=dirtylog-snd"]
-    if qemu.version[:2] >= (8, 2):
-        machine_opts.append("audiodev=dirtylog-snd")
+    if m.has_sound:
+        # vexpress has a sound device; without an audiodev QEMU probes ALSA and prints noise.
+        args += ["-audiodev", "none,id=dirtylog-snd"]
+        if qemu.version[:2] >= (8, 2):
+            machine_opts.append("audiodev=dirtylog-snd")
     accel = cfg.accel
     args = ["-machine", ",".join(machine_opts), "-accel", accel, "-cpu", cfg.cpu or m.cpu,
             "-smp", str(cfg.smp), "-m", f"{cfg.mem_mb}M"] + args

@@ -25,7 +25,7 @@ from .artifacts import GuestArtifacts
 from .compare import compare_images
 from .errors import InputError, MigrationError, QemuError, VerifyError
 from .migration import MigrationPolicy, run_migration
-from .qemu import MACHINES, GuestConfig, QemuBinary, QemuProcess, machine_args, probe_qemu
+from .qemu import MACHINES, MACHINES_BY_ARCH, GuestConfig, QemuBinary, QemuProcess, machine_args, probe_qemu
 from .report import RunReport, TrialResult, diagnose_trial
 from .workload import SEED_WORKLOADS, Workload, check_fits, kernel_cmdline_arg
 
@@ -35,7 +35,7 @@ READY_RE = r"DIRTYLOG-READY n=(\d+)|DIRTYLOG-FAILED[^\r\n]*|Kernel panic[^\r\n]*
 
 @dataclass
 class VerifyOptions:
-    qemu: str = "qemu-system-arm"
+    qemu: str | None = None  # default: the machine's emulator (qemu-system-arm for armv7)
     smp: int = 2
     mem_mb: int = 256
     max_bandwidth: int | None = None
@@ -115,10 +115,14 @@ class Reporter:
 def verify(art: GuestArtifacts, opts: VerifyOptions, reporter: Reporter | None = None) -> RunReport:
     reporter = reporter or Reporter()
     opts.check(art)
-    qemu = probe_qemu(opts.qemu)
     machine = MACHINES.get(opts.machine or art.machine)
     if machine is None:
         raise InputError(f"machine {opts.machine or art.machine!r} is not supported (known: {', '.join(MACHINES)})")
+    if machine.arch != art.arch:
+        fits = ", ".join(m.name for m in MACHINES_BY_ARCH.get(art.arch, []))
+        raise InputError(f"--machine {machine.name} runs {machine.arch} guests; these artifacts are {art.arch}"
+                         + (f" (use --machine {fits})" if fits else ""))
+    qemu = probe_qemu(opts.qemu or machine.qemu_binary)
     capture = _capture.choose(opts.capture, qemu, postcopy=opts.postcopy, host_backing=opts.host_backing)
     opts.host_backing = "file" if capture == "backing-file" else (
         "anon" if opts.host_backing == "auto" else opts.host_backing)
@@ -195,15 +199,19 @@ def _accel_spec(opts: VerifyOptions, machine) -> tuple[str, str]:
     if opts.accel == "tcg":
         return ("tcg" + (f",thread={opts.tcg_thread}" if opts.tcg_thread else ""), machine.cpu)
     host = platform.machine()
-    if host != "aarch64" or machine.name != "virt":
+    native = {"x86_64": "x86_64", "aarch64": "aarch64"}.get(host)
+    if machine.arch == "armv7" and not (host == "aarch64" and machine.name == "virt"):
         raise InputError(f"--accel kvm: an armv7 guest needs an arm64 host and --machine virt "
                          f"(this host is {host}, the machine {machine.name})")
+    if machine.arch != "armv7" and machine.arch != native:
+        raise InputError(f"--accel kvm runs guests of the host's architecture only: this host is {host}, "
+                         f"the guest {machine.arch}")
     try:
         os.close(os.open("/dev/kvm", os.O_RDWR))
     except OSError as exc:
         raise InputError(f"--accel kvm: /dev/kvm is not usable: {exc.strerror}") from None
     ring = f",dirty-ring-size={opts.kvm_dirty_ring}" if opts.kvm_dirty_ring else ""
-    return ("kvm" + ring, "host,aarch64=off")
+    return ("kvm" + ring, "host,aarch64=off" if machine.arch == "armv7" else "host")
 
 
 def _run_trial(trial: TrialResult, art: GuestArtifacts, opts: VerifyOptions, qemu: QemuBinary,
