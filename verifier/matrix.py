@@ -51,7 +51,8 @@ MATRIX_SCHEMA = "dirtylog-matrix/1"
 QEMU_OVERHEAD_MIB = 200  # host memory per QEMU besides guest RAM
 MIN_DISK_MARGIN_MIB = 256
 
-MACHINES = ("vexpress-a15", "virt")
+HOST_BACKINGS = ("auto", "anon", "file", "memfd", "memfd-hugetlb", "thp")
+GUEST_PAGES = ("4k", "hugetlb", "thp")
 CAPTURES = ("auto", "backing-file", "pmemsave")
 TRANSPORTS = ("unix", "tcp")
 
@@ -77,10 +78,16 @@ def _int(lo: int, hi: int):
 
 def _choice(options):
     def check(v):
-        if v not in options:
-            raise ValueError(f"{v!r} is not one of {', '.join(options)}")
+        opts = options() if callable(options) else options
+        if v not in opts:
+            raise ValueError(f"{v!r} is not one of {', '.join(opts)}")
         return v
     return check
+
+
+def _machines():
+    from .qemu import MACHINES
+    return tuple(MACHINES)
 
 
 def _text(v):
@@ -147,8 +154,8 @@ def _bool(v):
 KEYS = {
     "name": (_name, None),
     "artifacts": (_text, None),
-    "qemu": (_text, "qemu-system-arm"),
-    "machine": (_choice(MACHINES), None),
+    "qemu": (_text, None),  # None: the machine's emulator (qemu-system-arm for armv7)
+    "machine": (_choice(_machines), None),  # None: the artifacts' (manifest) machine
     "smp": (_int(1, 8), 2),
     "mem": (_int(64, 1 << 20), 256),
     "max_bandwidth": (_rate, "auto"),
@@ -160,13 +167,13 @@ KEYS = {
     "migration_timeout": (_seconds, 180.0),
     "boot_timeout": (_seconds, 120.0),
     "keep_images": (_bool, False),
+    "host_backing": (_choice(HOST_BACKINGS), "auto"),
+    "guest_pages": (_choice(GUEST_PAGES), "4k"),
 }
 # Asked for by users, not implemented by the verifier behind a matrix: say so instead of "unknown".
 NOT_SUPPORTED = {
-    "arch": "the verifier runs armv7 guests only (qemu-system-arm)",
+    "arch": "the guest architecture is the artifacts' (their manifest); choose a `machine` of it",
     "accel": "matrices run TCG only",
-    "host_backing": "the host RAM backing is not a matrix key yet (backing-file capture uses a file)",
-    "guest_pages": "the guest page size is not a matrix key yet",
     "capabilities": "migration capabilities are not a matrix key yet (use `dirtylog verify --capability`)",
     "parameters": "migration parameters are not a matrix key yet (use `dirtylog verify --parameter`)",
 }
@@ -246,7 +253,7 @@ def estimate_cost(p: dict) -> float:
     answer (vexpress-a15 on QEMU 7.2 waits out the resume timeout), and the compare."""
     bw = parse_rate(p["max_bandwidth"]) or 50_000_000
     ram = p["mem"] * 2**20
-    per_trial = 12 + 2 * ram / bw + ram / 1e9 + (20 if p["machine"] == "vexpress-a15" else 0)
+    per_trial = 12 + 2 * ram / bw + ram / 1e9 + (20 if p["machine"] in (None, "vexpress-a15") else 0)
     return round(p["trials"] * per_trial, 3)
 
 
@@ -607,7 +614,9 @@ class ScenarioReporter:
 def reproducer(s: Scenario, run_dir: Path) -> str:
     """The single `dirtylog verify` command that runs this scenario alone."""
     p = s.params
-    args = ["dirtylog", "verify", "--artifacts", p["artifacts"] or "artifacts", "--qemu", p["qemu"]]
+    args = ["dirtylog", "verify", "--artifacts", p["artifacts"] or "artifacts"]
+    if p["qemu"]:
+        args += ["--qemu", p["qemu"]]
     if p["machine"]:
         args += ["--machine", p["machine"]]
     args += ["--smp", str(p["smp"]), "--mem", str(p["mem"])]
@@ -619,6 +628,10 @@ def reproducer(s: Scenario, run_dir: Path) -> str:
     args += ["--trials", str(p["trials"]), "--capture", p["capture"], "--transport", p["transport"],
              "--migration-timeout", _fmt(p["migration_timeout"]), "--boot-timeout", _fmt(p["boot_timeout"]),
              "--run-dir", str(run_dir)]
+    if p["host_backing"] != "auto":
+        args += ["--host-backing", p["host_backing"]]
+    if p["guest_pages"] != "4k":
+        args += ["--guest-pages", p["guest_pages"]]
     if not p["keep_images"]:
         args.append("--delete-images")
     return " ".join(shlex.quote(a) for a in args)
@@ -633,7 +646,8 @@ def verify_options(s: Scenario, run_dir: Path):
         workloads=tuple(parse_workload(w) for w in p["workloads"]), trials=p["trials"], run_dir=run_dir,
         capture=p["capture"], transport=p["transport"], min_passes=p["min_passes"],
         migration_timeout_s=p["migration_timeout"], boot_timeout_s=p["boot_timeout"],
-        delete_images=not p["keep_images"], machine=p["machine"])
+        delete_images=not p["keep_images"], machine=p["machine"], host_backing=p["host_backing"],
+        guest_pages=p["guest_pages"])
 
 
 def _report_from_traceback(tb):
@@ -728,9 +742,10 @@ def prepare(matrix_file: Path, jobs: int, shard_spec: str | None, artifacts_defa
     """Load, shard and check everything that can be checked before a QEMU starts.
 
     Returns the run, notes, and the loaded artifacts per directory. MatrixError/InputError: exit 2."""
+    from . import capture as _capture
     from .artifacts import load_artifacts
-    from .qemu import probe_qemu
-    from .run import default_run_dir
+    from .qemu import MACHINES, probe_qemu
+    from .run import _check_host_backing, default_run_dir
     if jobs < 1:
         raise InputError(f"--jobs {jobs}: must be at least 1")
     matrix = load_matrix(matrix_file)
@@ -740,6 +755,7 @@ def prepare(matrix_file: Path, jobs: int, shard_spec: str | None, artifacts_defa
     host = host or probe_host(run_dir)
     notes = check_fits_host(chosen, jobs, host)
     arts: dict[str, object] = {}
+    qemus: dict[str, object] = {}
     for s in chosen:
         if s.params["artifacts"] is None:
             s.params["artifacts"] = str(Path(artifacts_default or "artifacts").resolve())
@@ -748,11 +764,21 @@ def prepare(matrix_file: Path, jobs: int, shard_spec: str | None, artifacts_defa
             arts[key] = load_artifacts(Path(key))
         art = arts[key]
         try:
-            verify_options(s, run_dir).check(art)
+            opts = verify_options(s, run_dir)
+            opts.check(art)
+            machine = MACHINES[s.params["machine"] or art.machine]
+            if machine.arch != art.arch:
+                raise InputError(f"machine {machine.name} runs {machine.arch} guests; the artifacts in {key} "
+                                 f"are {art.arch}")
+            binary = s.params["qemu"] or machine.qemu_binary
+            if binary not in qemus:
+                qemus[binary] = probe_qemu(binary)
+            capture = _capture.choose(opts.capture, qemus[binary], host_backing=opts.host_backing)
+            opts.host_backing = "file" if capture == "backing-file" else (
+                "anon" if opts.host_backing == "auto" else opts.host_backing)
+            _check_host_backing(opts)  # huge pages the host cannot give
         except InputError as exc:
             raise MatrixError(f"scenario '{s.name}' ({s.origin}): {exc}") from None
-    for q in sorted({s.params["qemu"] for s in chosen}):
-        probe_qemu(q)
     run = MatrixRun(matrix=matrix, scenarios=chosen, run_dir=run_dir, jobs=jobs, shard_spec=spec,
                     artifacts_default=artifacts_default, host=host,
                     command=" ".join(shlex.quote(a) for a in ["dirtylog", *sys.argv[1:]]))

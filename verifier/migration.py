@@ -79,7 +79,8 @@ def run_migration(src: QemuProcess, dst: QemuProcess, uri: str, policy: Migratio
         changes.append({"t": round(time.monotonic() - t0, 3), **params})
 
     configure(src, dst, policy)
-    forcing = policy.min_passes > 1
+    forcing = policy.min_passes > 1 or policy.postcopy
+    postcopy_started = False
     if policy.max_bandwidth is not None:
         set_params(**{"max-bandwidth": policy.max_bandwidth})
     elif forcing:
@@ -101,8 +102,12 @@ def run_migration(src: QemuProcess, dst: QemuProcess, uri: str, policy: Migratio
             ram = _ram(info)
             sync = ram.get("dirty-sync-count", 0)
             peak_dirty_rate = max(peak_dirty_rate, ram.get("dirty-pages-rate", 0))
-            timeline.write(json.dumps({"t": round(now, 3), "status": status, "ram": ram,
-                                       "expected-downtime": info.get("expected-downtime")}) + "\n")
+            sample = {"t": round(now, 3), "status": status, "ram": ram,
+                      "expected-downtime": info.get("expected-downtime")}
+            for key in ("xbzrle-cache", "cpu-throttle-percentage", "dirty-limit-throttle-time-per-round"):
+                if key in info:
+                    sample[key] = info[key]
+            timeline.write(json.dumps(sample) + "\n")
             samples += 1
             if progress is not None:
                 progress(info)
@@ -115,10 +120,10 @@ def run_migration(src: QemuProcess, dst: QemuProcess, uri: str, policy: Migratio
                 raise MigrationError(f"migration {status}: {info.get('error-desc', 'no reason given')}")
             if not dst.alive():
                 raise MigrationError(f"destination QEMU died during the migration: {dst.output_tail()}")
-            if forcing and sync >= policy.min_passes and policy.postcopy:
+            if policy.postcopy and not postcopy_started and status == "active" and sync >= policy.min_passes:
+                # The bandwidth stays throttled: released, precopy would finish before switching.
+                postcopy_started = True
                 forcing = False
-                if policy.max_bandwidth is None:
-                    set_params(**{"max-bandwidth": UNLIMITED_BANDWIDTH})
                 src.qmp("migrate-start-postcopy")
                 changes.append({"t": round(now, 3), "postcopy": "started"})
             elif forcing and sync >= policy.min_passes:
@@ -161,6 +166,8 @@ def run_migration(src: QemuProcess, dst: QemuProcess, uri: str, policy: Migratio
         "final_downtime_limit_ms": DOWNTIME_STEPS_MS[step] if steps_at_sync is not None else None,
     }
     warnings = []
+    if policy.postcopy and not any(c.get("postcopy") for c in changes):
+        warnings.append("postcopy was asked for but the migration completed before it could switch")
     if (ram.get("dirty-sync-count") or 0) <= 2:
         warnings.append(
             f"the migration completed after {ram.get('dirty-sync-count')} dirty-bitmap syncs: a "
