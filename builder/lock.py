@@ -36,17 +36,30 @@ from builder.cache import Cache
 from builder.errors import BuildInputError, CacheMissError, IntegrityError
 
 __all__ = [
+    "ARCH_LOCKS",
     "DEFAULT_LOCK_PATH",
+    "LOCKS_DIR",
     "ROLE_SPECS",
+    "ROLE_SPECS_BY_ARCH",
+    "LockChange",
     "Lock",
     "LockedPackage",
     "RoleSpec",
     "fetch_pinned",
     "load_lock",
+    "lock_path_for",
+    "refresh_all_locks",
     "refresh_lock",
 ]
 
-DEFAULT_LOCK_PATH = Path(__file__).resolve().parent / "locks" / "bookworm-armhf.json"
+LOCKS_DIR = Path(__file__).resolve().parent / "locks"
+# guest architecture (dirtylog's name) -> (Debian architecture, its lock file)
+ARCH_LOCKS: dict[str, tuple[str, Path]] = {
+    "armv7": ("armhf", LOCKS_DIR / "bookworm-armhf.json"),
+    "aarch64": ("arm64", LOCKS_DIR / "bookworm-arm64.json"),
+    "x86_64": ("amd64", LOCKS_DIR / "bookworm-amd64.json"),
+}
+DEFAULT_LOCK_PATH = ARCH_LOCKS["armv7"][1]
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -261,18 +274,48 @@ class RoleSpec:
     members: dict[str, str]
 
 
-ROLE_SPECS: dict[str, RoleSpec] = {
-    "busybox": RoleSpec(package=r"busybox-static", members={"busybox": "bin/busybox"}),
-    # The real image package, e.g. linux-image-6.1.0-50-armmp-lpae; not the
-    # metapackage linux-image-armmp-lpae nor the -dbg package.
-    "kernel": RoleSpec(
-        package=r"linux-image-(\d+(?:\.\d+)*-\d+)-armmp-lpae",
-        members={
-            "zImage": "boot/vmlinuz-*",
-            "dtb": "usr/lib/linux-image-*/vexpress-v2p-ca15-tc1.dtb",
-        },
-    ),
+_BUSYBOX_SPEC = RoleSpec(package=r"busybox-static", members={"busybox": "bin/busybox"})
+
+# Per Debian architecture.  The kernel regexes take the real image package,
+# e.g. linux-image-6.1.0-50-armmp-lpae / -arm64 / -amd64; not the metapackage
+# (linux-image-arm64), the -dbg package, the -unsigned twin of a signed image
+# (arm64, amd64: same kernel, without the Secure Boot signature) nor the
+# -cloud-/-rt- flavours.  Member keys name the output file they become.
+ROLE_SPECS_BY_ARCH: dict[str, dict[str, RoleSpec]] = {
+    "armhf": {
+        "busybox": _BUSYBOX_SPEC,
+        "kernel": RoleSpec(
+            package=r"linux-image-(\d+(?:\.\d+)*-\d+)-armmp-lpae",
+            members={
+                "zImage": "boot/vmlinuz-*",
+                "dtb": "usr/lib/linux-image-*/vexpress-v2p-ca15-tc1.dtb",
+            },
+        ),
+    },
+    "arm64": {
+        "busybox": _BUSYBOX_SPEC,
+        # QEMU's virt machine makes the device tree itself: no dtb member.
+        "kernel": RoleSpec(package=r"linux-image-(\d+(?:\.\d+)*-\d+)-arm64",
+                           members={"Image": "boot/vmlinuz-*"}),
+    },
+    "amd64": {
+        "busybox": _BUSYBOX_SPEC,
+        "kernel": RoleSpec(package=r"linux-image-(\d+(?:\.\d+)*-\d+)-amd64",
+                           members={"bzImage": "boot/vmlinuz-*"}),
+    },
 }
+# The armhf specs (the 2014 guest); kept under their historical name.
+ROLE_SPECS: dict[str, RoleSpec] = ROLE_SPECS_BY_ARCH["armhf"]
+
+
+def lock_path_for(arch: str) -> Path:
+    """The lock file of a guest architecture (armv7, aarch64, x86_64)."""
+    try:
+        return ARCH_LOCKS[arch][1]
+    except KeyError:
+        raise BuildInputError(
+            f"unknown architecture {arch!r}; expected one of {', '.join(ARCH_LOCKS)}"
+        ) from None
 
 
 def _pick(records: list[PackageRecord], rx: re.Pattern) -> PackageRecord:
@@ -321,13 +364,19 @@ def refresh_lock(
     file needs *suite* and *arch*.
     """
     path = Path(path) if path is not None else DEFAULT_LOCK_PATH
-    specs = ROLE_SPECS if specs is None else specs
     cache = cache if cache is not None else Cache()
     old = load_lock(path) if path.exists() else None
     if old is None and (suite is None or arch is None):
         raise BuildInputError(f"lock file {path} does not exist; give suite and arch to create it")
     suite = suite or old.suite
     arch = arch or old.arch
+    if specs is None:
+        if arch not in ROLE_SPECS_BY_ARCH:
+            raise BuildInputError(
+                f"no package specs for Debian architecture {arch!r} "
+                f"(known: {', '.join(ROLE_SPECS_BY_ARCH)}); pass specs"
+            )
+        specs = ROLE_SPECS_BY_ARCH[arch]
     component = old.component if old else "main"
     if mirror is None:
         mirror = find_mirror(suite, sources_dir)
@@ -361,6 +410,70 @@ def refresh_lock(
                 packages=packages, path=path)
     _write_json_atomic(path, lock.to_json())
     return lock
+
+
+@dataclasses.dataclass(frozen=True)
+class LockChange:
+    """One role of one lock after refresh_all_locks; *old_* are None for a new lock or role."""
+
+    arch: str  # guest architecture: armv7, aarch64, x86_64
+    path: Path
+    role: str
+    name: str
+    version: str
+    old_name: str | None
+    old_version: str | None
+    changed: bool  # sha256 differs from before (or new)
+
+    def describe(self) -> str:
+        if not self.changed:
+            what = "unchanged"
+        elif self.old_name is None:
+            what = "new"
+        else:
+            what = f"was {self.old_name} {self.old_version}"
+        return f"{self.arch} {self.role}: {self.name} {self.version} ({what})"
+
+
+def refresh_all_locks(
+    mirror: str | None = None,
+    log: Callable[[str], None] | None = None,
+    *,
+    arches: list[str] | None = None,
+    suite: str = "bookworm",
+    **kwargs,
+) -> list[LockChange]:
+    """refresh_lock for every architecture's lock (ARCH_LOCKS), armv7 first.
+
+    A missing lock is created for *suite*; it takes the armv7 lock's
+    ``source_date_epoch`` so every architecture's artifacts carry the same
+    timestamps.  Extra keyword arguments (cache, keyring, progress,
+    sources_dir, reset_source_date_epoch) go to refresh_lock.  Returns one
+    LockChange per role and architecture.
+    """
+    changes: list[LockChange] = []
+    shared_sde = load_lock(DEFAULT_LOCK_PATH).source_date_epoch if DEFAULT_LOCK_PATH.exists() else None
+    for arch in arches or list(ARCH_LOCKS):
+        deb_arch, path = ARCH_LOCKS[arch]
+        old = load_lock(path) if path.exists() else None
+        if log:
+            log(f"refreshing {path.name} ({arch}, Debian {deb_arch})")
+        lock = refresh_lock(path, mirror, suite=None if old else suite,
+                            arch=None if old else deb_arch,
+                            log=(lambda m, a=arch: log(f"{a} {m}")) if log else None, **kwargs)
+        if old is None and shared_sde is not None and lock.source_date_epoch != shared_sde:
+            lock = dataclasses.replace(lock, source_date_epoch=shared_sde)
+            _write_json_atomic(path, lock.to_json())
+        if arch == "armv7":
+            shared_sde = lock.source_date_epoch
+        for role, p in sorted(lock.packages.items()):
+            prev = old.packages.get(role) if old else None
+            changes.append(LockChange(
+                arch=arch, path=path, role=role, name=p.name, version=p.version,
+                old_name=prev.name if prev else None, old_version=prev.version if prev else None,
+                changed=prev is None or prev.sha256 != p.sha256,
+            ))
+    return changes
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
