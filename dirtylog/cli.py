@@ -131,13 +131,17 @@ def build_options(f):
                      help="Debian mirror (default: the one in this machine's apt sources).")(f)
     f = click.option("--cache-dir", type=click.Path(path_type=Path),
                      help="Download cache (default: $DIRTYLOG_CACHE or ~/.cache/dirtylog).")(f)
+    f = click.option("--arch", type=click.Choice(["armv7", "aarch64", "x86_64"]), default="armv7",
+                     show_default=True,
+                     help="Guest architecture: armv7 (vexpress-a15/virt), aarch64 (virt), x86_64 (q35).")(f)
     return f
 
 
-def _build(console, out, offline, mirror, cache_dir):
+def _build(console, out, offline, mirror, cache_dir, arch):
     from builder.build import build_artifacts
-    console.step(f"building guest artifacts into {out}")
-    manifest = build_artifacts(out, offline=offline, mirror=mirror, cache_dir=cache_dir, log=console.step)
+    console.step(f"building {arch} guest artifacts into {out}")
+    manifest = build_artifacts(out, arch=arch, offline=offline, mirror=mirror, cache_dir=cache_dir,
+                               log=console.step)
     for entry in manifest["files"]:
         console.step(f"  {entry['name']}  {entry['sha256']}")
     return manifest
@@ -146,9 +150,14 @@ def _build(console, out, offline, mirror, cache_dir):
 @cli.command()
 @build_options
 @click.pass_obj
-def build(console, out, offline, mirror, cache_dir):
-    """Build zImage, guest_a15x2.dtb, initrd.cpio-dirtyram.gz, dirtyram.arm and manifest.json."""
-    _build(console, out, offline, mirror, cache_dir)
+def build(console, out, offline, mirror, cache_dir, arch):
+    """Build the guest artifacts and manifest.json.
+
+    armv7: zImage, guest_a15x2.dtb, initrd.cpio-dirtyram.gz, dirtyram.arm; aarch64: Image,
+    initrd.cpio-dirtyram.gz, dirtyram.aarch64; x86_64: bzImage, initrd.cpio-dirtyram.gz,
+    dirtyram.x86_64.
+    """
+    _build(console, out, offline, mirror, cache_dir, arch)
     click.echo(str(out / "manifest.json"))
 
 
@@ -158,15 +167,10 @@ def build(console, out, offline, mirror, cache_dir):
 @click.option("--mirror", metavar="URL", help="Debian mirror (default: from apt sources).")
 @click.pass_obj
 def lock_cmd(console, refresh, mirror):
-    """Refresh the pinned Debian packages (builder/locks/*.json) to the archive's current versions."""
-    from builder.lock import DEFAULT_LOCK_PATH, load_lock, refresh_lock
-    before = load_lock(DEFAULT_LOCK_PATH)
-    after = refresh_lock(DEFAULT_LOCK_PATH, mirror=mirror, log=console.step)
-    for role, pkg in sorted(after.packages.items()):
-        old = before.packages.get(role)
-        change = "unchanged" if old and old.sha256 == pkg.sha256 else f"was {old.name} {old.version}" if old else "new"
-        click.echo(f"{role}: {pkg.name} {pkg.version} ({change})")
-    click.echo(str(DEFAULT_LOCK_PATH))
+    """Refresh the pinned Debian packages of every architecture (builder/locks/*.json)."""
+    from builder.lock import refresh_all_locks
+    for change in refresh_all_locks(mirror, log=console.step):
+        click.echo(change.describe())
 
 
 # -- verify ---------------------------------------------------------------------------------------
@@ -320,9 +324,9 @@ def verify_cmd(console, artifacts, **kw):
 @build_options
 @verify_options
 @click.pass_obj
-def make_and_verify(console, out, offline, mirror, cache_dir, **kw):
+def make_and_verify(console, out, offline, mirror, cache_dir, arch, **kw):
     """The one-shot: build the guest artifacts, then verify a live migration with them."""
-    _build(console, out, offline, mirror, cache_dir)
+    _build(console, out, offline, mirror, cache_dir, arch)
     _verify(console, out, **kw)
 
 

@@ -8,11 +8,13 @@ SUDO=""
 packages=(
   qemu-system-arm                                # the hypervisor under test (stock)
   gcc-arm-linux-gnueabihf libc6-dev-armhf-cross  # cross-compiler for dirtyram (armv7 hard-float)
-  gcc libc6-dev make                           # host build of dirtyram for its tests
+  gcc-aarch64-linux-gnu libc6-dev-arm64-cross  # dirtyram for aarch64 guests
+  qemu-system-x86                              # x86_64 guests (q35)
+  gcc libc6-dev make                           # dirtyram for x86_64 guests and for its tests
   gpgv debian-archive-keyring                  # authenticating the Debian archive
   cpio xz-utils ca-certificates git python3-venv
   # for the tests only: running armv7 binaries, negative ELF cases, a signed fake archive
-  qemu-user-static gcc-arm-linux-gnueabi gcc-aarch64-linux-gnu gpg
+  qemu-user-static gcc-arm-linux-gnueabi gpg
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -289,3 +289,19 @@ def test_migration_modes_really_run_and_get_a_verdict(artifacts, tmp_path, mode,
     cap = "postcopy-ram" if mode == "postcopy" else mode
     assert f'"capability": "{cap}", "state": true' in qmp
     assert proof is None or proof(_timeline(run_dir))
+
+
+@pytest.mark.parametrize("arch,machine", [("aarch64", "virt-aarch64"), ("x86_64", "q35")])
+def test_other_architectures_build_and_verify_on_their_machine(tmp_path, arch, machine):
+    out = tmp_path / "art"
+    res = run_dirtylog("build", "--arch", arch, "--out", out)
+    assert res.returncode == 0, res.stderr
+    assert json.loads((out / "manifest.json").read_text())["guest"]["machine"] == machine
+    run_dir = tmp_path / "run"
+    res = run_dirtylog("verify", "--artifacts", out, "--smp", "1", "--min-passes", "1", "--capture", "pmemsave",
+                       "--workload", "256:128:20", "--run-dir", run_dir)
+    assert res.returncode == 0, res.stdout + res.stderr
+    report = _report(run_dir)
+    assert report["machine"] == machine and report["trials"][0]["resume"]["ok"]
+    wrong = run_dirtylog("verify", "--artifacts", out, "--machine", "vexpress-a15")
+    assert wrong.returncode == 2 and f"these artifacts are {arch}" in wrong.stderr
