@@ -7,7 +7,10 @@ they do not skip: a silently skipped reproducibility check is worse than a red o
 from __future__ import annotations
 
 import os
+import re
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -21,6 +24,7 @@ from builder.runtime import DockerRuntime, EngineError, docker_client, get_runti
 pytestmark = pytest.mark.container
 
 FILES = list(ARTIFACT_ROLES)
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +124,22 @@ def test_engine_not_running_is_one_line_naming_the_socket(tmp_path, monkeypatch)
         assert get_runtime("auto").name == "host"
 
 
+def test_permission_denied_on_the_socket_is_one_line(engine):
+    """A user outside the socket's group gets a one-line error naming the socket, not a traceback."""
+    sock = Path("/var/run/docker.sock")
+    if os.getuid() != 0 or not sock.exists() or sock.stat().st_mode & 0o006:
+        pytest.fail("this test runs as root against the default, group-restricted docker socket", pytrace=False)
+    code = ("from builder.runtime import get_runtime\n"
+            "from builder.errors import BuildError\n"
+            "try:\n    get_runtime('docker')\n"
+            "except BuildError as e:\n    print(type(e).__name__, e)\n")
+    res = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", code],
+                         capture_output=True, text=True, cwd=REPO, timeout=60,
+                         env={**os.environ, "PYTHONPATH": str(REPO), "DOCKER_HOST": f"unix://{sock}"})
+    assert res.stdout.startswith("EngineError docker: permission denied on socket /var/run/docker.sock"), res
+    assert res.stdout.count("\n") == 1
+
+
 def test_unknown_runtime_is_an_input_error():
     with pytest.raises(BuildInputError):
         get_runtime("lxc")
@@ -133,7 +153,7 @@ def test_image_build_failure_names_the_failing_step(engine, tmp_path):
         DockerRuntime(dockerfile=dockerfile).build(tmp_path / "out")
     msg = str(e.value)
     first = msg.splitlines()[0]
-    assert "Step 4/5 : RUN echo about to fail && exit 42" in first, msg
+    assert re.search(r"Step 4/\d+ : RUN echo about to fail && exit 42", first), msg
     assert "42" in first
     assert "about to fail" in msg  # the log tail
     assert e.value.exit_code == 3
@@ -147,7 +167,9 @@ def test_container_killed_mid_build_leaves_nothing(warm_image, engine, tmp_path)
 
     def log(msg):
         seen.append(msg)
-        if "cross-compiling dirtyram" in msg:  # the builder's staging directory exists now
+        # the builder's third line (after "building ..." and "fetching ..."): dirtyram is being
+        # compiled into the staging directory next to out
+        if sum(m.startswith("docker: | ") for m in seen) == 3:
             name = next(m.split()[2] for m in seen if m.startswith("docker: container "))
             engine.containers.get(name).kill()
 
@@ -155,7 +177,7 @@ def test_container_killed_mid_build_leaves_nothing(warm_image, engine, tmp_path)
     with pytest.raises(BuildError) as e:
         DockerRuntime().build(out, log=log)
     assert "killed" in str(e.value) and "\n" not in str(e.value), e.value
-    assert any("cross-compiling dirtyram" in m for m in seen), seen
+    assert any("dirtyram" in m for m in seen if m.startswith("docker: | ")), seen
     assert list(out.iterdir()) == []
     assert not list(tmp_path.glob(".out.staging-*"))
     after = {c.id for c in engine.containers.list(all=True, filters={"label": "dirtylog.build"})}

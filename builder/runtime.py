@@ -1,0 +1,434 @@
+"""Where `dirtylog build` runs: on this host, or in a container (Docker, or Podman's Docker API).
+
+One small class per runtime behind one interface (as tuxmake does)::
+
+    rt = get_runtime("auto")          # "host" | "docker" | "podman" | "auto"
+    manifest = rt.build(out, offline=False, mirror=None, cache_dir=None, log=print, arch="armv7")
+
+The container runtimes build an image from the top-level Dockerfile (on the local base image made
+by builder.baseimage), tagged by a hash of the Dockerfile and every project file copied into it, so
+it is reused while they are unchanged. One container runs per build: the repository mounted
+read-only at /src, the output directory's parent read-write at /out, the download cache at /cache;
+`dirtylog build` is executed in it as the calling user's uid:gid, so the files belong to the caller.
+The code that runs is the mounted checkout (cwd /src, PYTHONPATH=/src: the manifest gets its git
+commit, and the dirtyram sources are compiled from /src/dirtyram-src, mapped to "." by the Makefile's
+-ffile-prefix-map); the image's installed copy of the same files provides the toolchain and the
+Python dependencies, and since the tag is their hash the two never disagree.
+The builder inside stages its outputs next to the output directory and moves them in at the end, so
+a build that fails or is killed leaves nothing in it. The container is always removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shlex
+import socket
+import tarfile
+import time
+import uuid
+from pathlib import Path
+
+from builder.errors import BuildError, BuildInputError, ToolMissingError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DOCKERFILE = REPO_ROOT / "Dockerfile"
+IMAGE_REPO = "dirtylog-builder"
+DEFAULT_SOCKET = "/var/run/docker.sock"
+# What the Dockerfile copies into the image: the image tag is a hash of exactly these.
+IMAGE_INPUTS = ("pyproject.toml", "builder", "verifier", "dirtylog", "dirtyram-src")
+_SKIP_NAMES = {"__pycache__", ".pytest_cache"}
+_SKIP_SUFFIXES = (".pyc", ".pyo", ".o")
+_TAIL_LINES = 20
+PING_TIMEOUT_S = 10
+
+
+class EngineError(BuildError):
+    """No container engine answers (not installed, not running, socket not accessible)."""
+
+
+# -- engine connection ----------------------------------------------------------------------------
+def _import_docker():
+    try:
+        import docker  # noqa: F401
+    except ImportError:
+        raise ToolMissingError("the Python docker SDK is not installed; install it with: "
+                               "pip install docker (it is a dependency of dirtylog)") from None
+    return docker
+
+
+def _socket_path(base_url: str) -> str | None:
+    if base_url.startswith("unix://"):
+        return base_url[len("unix://"):] or None
+    return None
+
+
+def _check_unix_socket(path: str, what: str) -> None:
+    """One-line EngineError when the socket is missing, refuses or is not accessible."""
+    if not os.path.exists(path):
+        raise EngineError(f"{what}: socket {path} does not exist (engine not installed or not running; "
+                          f"run scripts/setup-docker.sh, or start it: dockerd / podman system service)")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(PING_TIMEOUT_S)
+    try:
+        s.connect(path)
+    except PermissionError:
+        raise EngineError(f"{what}: permission denied on socket {path} (uid {os.getuid()}; add the user "
+                          f"to the socket's group, e.g. 'docker', or run as root)") from None
+    except ConnectionRefusedError:
+        raise EngineError(f"{what}: socket {path} refuses connections (the engine is not running; "
+                          f"run scripts/setup-docker.sh or start dockerd)") from None
+    except OSError as e:
+        raise EngineError(f"{what}: cannot connect to socket {path}: {e.strerror or e}") from None
+    finally:
+        s.close()
+
+
+def docker_client(base_url: str | None = None, what: str = "docker"):
+    """A connected docker SDK client for `base_url` (default: $DOCKER_HOST, else the docker socket).
+
+    Raises EngineError (one line, naming the socket) when no engine answers there.
+    """
+    docker = _import_docker()
+    base_url = base_url or os.environ.get("DOCKER_HOST") or f"unix://{DEFAULT_SOCKET}"
+    path = _socket_path(base_url)
+    if path:
+        _check_unix_socket(path, what)
+    try:
+        client = docker.DockerClient(base_url=base_url, version="auto", timeout=600)
+        client.ping()
+    except docker.errors.DockerException as e:
+        raise EngineError(f"{what}: no engine answers at {base_url}: {' '.join(str(e).split())}") from None
+    return client
+
+
+def podman_socket() -> str:
+    """Podman's Docker-compatible API socket: rootless ($XDG_RUNTIME_DIR) first, then rootful."""
+    candidates = []
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        candidates.append(os.path.join(os.environ["XDG_RUNTIME_DIR"], "podman", "podman.sock"))
+    candidates.append("/run/podman/podman.sock")
+    for c in candidates:
+        if os.path.exists(c):
+            return c
+    return candidates[0]
+
+
+# -- image ----------------------------------------------------------------------------------------
+def _context_files(dockerfile: Path) -> list[tuple[str, Path]]:
+    """(name in the build context, file) for the Dockerfile and every file it copies, sorted."""
+    files = [("Dockerfile", dockerfile)]
+    for top in IMAGE_INPUTS:
+        p = REPO_ROOT / top
+        if p.is_file():
+            files.append((top, p))
+            continue
+        for root, dirs, names in os.walk(p):
+            dirs[:] = sorted(d for d in dirs if d not in _SKIP_NAMES)
+            for n in sorted(names):
+                if n.endswith(_SKIP_SUFFIXES) or (top == "dirtyram-src" and n == "dirtyram"):
+                    continue
+                f = Path(root) / n
+                files.append((str(f.relative_to(REPO_ROOT)), f))
+    return sorted(files)
+
+
+def build_context(dockerfile: Path) -> tuple[bytes, str]:
+    """The build context as a tar (deterministic) and the sha256 of its contents."""
+    h = hashlib.sha256()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, path in _context_files(dockerfile):
+            data = path.read_bytes()
+            mode = 0o755 if os.access(path, os.X_OK) else 0o644
+            h.update(f"{name}\0{mode:o}\0{len(data)}\0".encode())
+            h.update(data)
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime = len(data), mode, 0
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue(), h.hexdigest()
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _clean(text: str) -> str:
+    return _ANSI.sub("", text)
+
+
+def _step_of(lines: list[str], width: int = 160) -> str:
+    for line in reversed(lines):
+        if line.startswith(("Step ", "STEP ")):
+            step = " ".join(line.split())
+            return step if len(step) <= width else step[:width - 3] + "..."
+    return "(no step reached)"
+
+
+class ContainerRuntime:
+    """A Docker-API engine (dockerd, or Podman's compatible service) running `dirtylog build`."""
+
+    name = "docker"
+    base_image = "dirtylog-base:bookworm"
+
+    def __init__(self, base_url: str | None = None, dockerfile: Path | None = None,
+                 apt_mirror: str | None = None, builder_uid: int = 1000, client=None,
+                 as_user: tuple[int, int] | None = None, buildargs: dict[str, str] | None = None):
+        self.base_url = base_url
+        self.extra_buildargs = dict(buildargs or {})  # e.g. {"WITH_PYPI": "1"}; part of the image hash
+        self.as_user = as_user  # (uid, gid) the build runs as; default: the caller's
+        self.dockerfile = Path(dockerfile) if dockerfile else DOCKERFILE
+        self.apt_mirror = apt_mirror
+        self.builder_uid = builder_uid
+        self._client = client
+        self.last_image_built = False  # whether the last ensure_image() had to build
+        self.last_image_seconds = 0.0
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.base_url or os.environ.get('DOCKER_HOST') or DEFAULT_SOCKET})"
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = docker_client(self.base_url, what=self.name)
+        return self._client
+
+    def available(self) -> bool:
+        try:
+            self.client  # noqa: B018
+        except BuildError:
+            return False
+        return True
+
+    # image
+    def ensure_image(self, log=lambda msg: None) -> tuple[str, str]:
+        """(tag, image id) of the builder image; built only when no image has this content's hash."""
+        from builder.baseimage import ensure_base_image, find_image
+        import docker.errors
+        t0 = time.monotonic()
+        self.last_image_built = False
+        base_id = ensure_base_image(self.base_image, client=self.client, log=log)
+        context, digest = build_context(self.dockerfile)
+        buildargs = {"BASE_IMAGE": self.base_image, "BUILDER_UID": str(self.builder_uid),
+                     "BUILDER_GID": str(self.builder_uid), **self.extra_buildargs}
+        key = hashlib.sha256(f"{digest}\0{base_id}\0{json.dumps(buildargs, sort_keys=True)}".encode())
+        tag = f"{IMAGE_REPO}:{key.hexdigest()[:16]}"
+        image = find_image(self.client, tag)
+        if image is not None:
+            self.last_image_seconds = time.monotonic() - t0
+            log(f"{self.name}: reusing image {tag} ({image.short_id})")
+            return tag, image.id
+        if self.apt_mirror:
+            buildargs["APT_MIRROR"] = self.apt_mirror
+        log(f"{self.name}: building image {tag} from {self.dockerfile}")
+        lines: list[str] = []
+        try:
+            for chunk in self.client.api.build(fileobj=io.BytesIO(context), custom_context=True, tag=tag,
+                                               buildargs=buildargs, rm=True, forcerm=True, decode=True,
+                                               labels={"dirtylog.context-sha256": digest}):
+                if "stream" in chunk:
+                    for line in _clean(chunk["stream"]).splitlines():
+                        if line.strip():
+                            lines.append(line)
+                            if line.startswith("Step "):
+                                log(f"{self.name}:   {line.strip()}")
+                if "error" in chunk or "errorDetail" in chunk:
+                    err = _clean(chunk.get("error") or chunk["errorDetail"].get("message", ""))
+                    tail = "\n".join(lines[-_TAIL_LINES:])
+                    raise BuildError(f"{self.name}: building image {tag} failed at {_step_of(lines)}: "
+                                     f"{' '.join(err.split())}\n{tail}")
+        except docker.errors.APIError as e:
+            raise BuildError(f"{self.name}: building image {tag} failed at {_step_of(lines)}: "
+                             f"{' '.join(str(e.explanation or e).split())}") from None
+        image = find_image(self.client, tag)
+        if image is None:
+            raise BuildError(f"{self.name}: image {tag} missing after its build:\n{chr(10).join(lines[-_TAIL_LINES:])}")
+        self.last_image_built = True
+        self.last_image_seconds = time.monotonic() - t0
+        log(f"{self.name}: image {tag} built in {self.last_image_seconds:.0f}s")
+        return tag, image.id
+
+    # build
+    def build(self, out: Path, offline: bool = False, mirror: str | None = None,
+              cache_dir: Path | None = None, log=lambda msg: None, arch: str = "armv7") -> dict:
+        from builder.cache import default_cache_dir
+        import docker.errors
+        out = Path(out).absolute()
+        if out.exists() and not out.is_dir():
+            raise BuildInputError(f"--out {out} exists and is not a directory")
+        if out.parent == out:
+            raise BuildInputError(f"--out {out}: cannot be the root directory")
+        cache = Path(cache_dir or default_cache_dir()).absolute()
+        cache.mkdir(parents=True, exist_ok=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if mirror is None and not offline:
+            # the host's apt sources name the mirror; the image's are only a fallback
+            try:
+                from builder.apt_sources import find_mirror
+                mirror = find_mirror("bookworm")
+            except BuildInputError:
+                pass
+        tag, image_id = self.ensure_image(log=log)
+
+        uid, gid = self.as_user or (os.getuid(), os.getgid())
+        cmd = ["python3", "-m", "dirtylog.cli", "build", "--out", f"/out/{out.name}", "--cache-dir", "/cache"]
+        if arch != "armv7":
+            cmd += ["--arch", arch]
+        if offline:
+            cmd.append("--offline")
+        if mirror:
+            cmd += ["--mirror", mirror]
+        env = {"HOME": "/tmp", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": "/src",
+               "DIRTYLOG_CACHE": "/cache"}
+        if "SOURCE_DATE_EPOCH" in os.environ:
+            env["SOURCE_DATE_EPOCH"] = os.environ["SOURCE_DATE_EPOCH"]
+        before = set(out.parent.glob(f".{out.name}.staging-*"))
+        name = f"dirtylog-build-{uuid.uuid4().hex[:12]}"
+        container = None
+        ok = False
+        try:
+            container = self.client.containers.run(
+                tag, ["sleep", "infinity"], entrypoint=[], name=name, detach=True, auto_remove=False,
+                user=f"{uid}:{gid}", working_dir="/src", environment=env, init=True,
+                labels={"dirtylog.build": "1"},
+                volumes={str(REPO_ROOT): {"bind": "/src", "mode": "ro"},
+                         str(out.parent): {"bind": "/out", "mode": "rw"},
+                         str(cache): {"bind": "/cache", "mode": "rw"}})
+            log(f"{self.name}: container {name} ({tag}) running: {shlex.join(cmd)}")
+            code, stderr_tail = self._exec(container, cmd, env, f"{uid}:{gid}", log)
+            if code is None or code in (137, 143) or not self._running(container):
+                raise BuildError(f"{self.name}: container {name} was killed mid-build"
+                                 f"{'' if code is None else f' (exit status {code})'}; "
+                                 f"nothing was written to {out}")
+            if code == 2:
+                raise BuildInputError(f"{self.name}: {stderr_tail or 'dirtylog build: input error'}")
+            if code == 130:
+                raise KeyboardInterrupt
+            if code != 0:
+                raise BuildError(f"{self.name}: dirtylog build in the container failed (exit status {code}): "
+                                 f"{stderr_tail or 'no error message'}")
+            ok = True
+        except docker.errors.NotFound:
+            raise BuildError(f"{self.name}: container {name} disappeared mid-build (killed or removed); "
+                             f"nothing was written to {out}") from None
+        except docker.errors.APIError as e:
+            raise BuildError(f"{self.name}: {' '.join(str(e.explanation or e).split())}") from None
+        finally:
+            if container is not None:
+                try:
+                    container.remove(force=True)
+                except docker.errors.APIError:
+                    pass
+            if not ok:  # staging dirs of a builder that was killed before its own cleanup
+                import shutil
+                for p in set(out.parent.glob(f".{out.name}.staging-*")) - before:
+                    shutil.rmtree(p, ignore_errors=True)
+
+        manifest_path = out / "manifest.json"
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (OSError, ValueError) as e:
+            raise BuildError(f"{self.name}: the container's build left no readable {manifest_path}: {e}") from None
+        manifest["runtime"] = self.name
+        manifest["image_id"] = image_id
+        manifest["image"] = tag
+        manifest["reproducer"] = (f"dirtylog build --runtime {self.name}" + ("" if arch == "armv7" else f" --arch {arch}")
+                                  + f" --out {shlex.quote(str(out))} --offline")
+        st = manifest_path.stat()
+        tmp = manifest_path.with_name(".manifest.json.tmp")
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+        os.chmod(tmp, st.st_mode & 0o7777)
+        if (st.st_uid, st.st_gid) != (os.getuid(), os.getgid()):
+            try:  # keep it the build user's, like the other files
+                os.chown(tmp, st.st_uid, st.st_gid)
+            except OSError:
+                pass
+        os.replace(tmp, manifest_path)
+        return manifest
+
+    def _running(self, container) -> bool:
+        container.reload()
+        return container.status == "running"
+
+    def _exec(self, container, cmd, env, user, log) -> tuple[int | None, str]:
+        """Run cmd in the container, relaying its lines to log; (exit code, last stderr line)."""
+        api = self.client.api
+        ex = api.exec_create(container.id, cmd, user=user, environment=env, workdir="/src",
+                             stdout=True, stderr=True)
+        last_err = ""
+        pending = {1: "", 2: ""}
+        for out_chunk, err_chunk in api.exec_start(ex["Id"], stream=True, demux=True):
+            for fd, chunk in ((1, out_chunk), (2, err_chunk)):
+                if not chunk:
+                    continue
+                pending[fd] += chunk.decode(errors="replace")
+                *lines, pending[fd] = pending[fd].split("\n")
+                for line in lines:
+                    line = line.rstrip("\r")
+                    if not line.strip():
+                        continue
+                    if fd == 2:
+                        last_err = line
+                    log(f"{self.name}: | {line.removeprefix('dirtylog: ')}")
+        if pending[2].strip():
+            last_err = pending[2].strip()
+        code = api.exec_inspect(ex["Id"]).get("ExitCode")
+        return code, last_err.removeprefix("dirtylog: error: ").strip()
+
+
+class DockerRuntime(ContainerRuntime):
+    name = "docker"
+
+
+class PodmanRuntime(ContainerRuntime):
+    """Podman through its Docker-compatible API service (`podman system service`)."""
+
+    name = "podman"
+
+    def __init__(self, base_url: str | None = None, **kw):
+        super().__init__(base_url or f"unix://{podman_socket()}", **kw)
+
+
+class HostRuntime:
+    """`dirtylog build` right here, with this machine's cross-compiler."""
+
+    name = "host"
+
+    def __repr__(self) -> str:
+        return "HostRuntime()"
+
+    def available(self) -> bool:
+        return True
+
+    def build(self, out: Path, offline: bool = False, mirror: str | None = None,
+              cache_dir: Path | None = None, log=lambda msg: None, arch: str = "armv7") -> dict:
+        from builder.build import build_artifacts
+        kw = {} if arch == "armv7" else {"arch": arch}
+        return build_artifacts(Path(out), offline=offline, mirror=mirror, cache_dir=cache_dir, log=log, **kw)
+
+
+RUNTIMES = {"host": HostRuntime, "docker": DockerRuntime, "podman": PodmanRuntime}
+
+
+def get_runtime(name: str = "auto", log=lambda msg: None, **kw):
+    """The runtime called `name`; "auto" is docker, else podman, when its engine answers, else host.
+
+    A named container runtime is connected right away, so a missing engine is an EngineError here.
+    """
+    if name == "auto":
+        for cls in (DockerRuntime, PodmanRuntime):
+            rt = cls(**kw)
+            if rt.available():
+                log(f"runtime: {rt.name} (auto: its engine answers)")
+                return rt
+        log("runtime: host (auto: no docker or podman engine answers)")
+        return HostRuntime()
+    if name not in RUNTIMES:
+        raise BuildInputError(f"unknown runtime {name!r}; choose one of: auto, {', '.join(RUNTIMES)}")
+    rt = RUNTIMES[name](**kw) if name != "host" else HostRuntime()
+    if name != "host":
+        rt.client  # noqa: B018  (raises EngineError, one line, naming the socket)
+    log(f"runtime: {rt.name}")
+    return rt
