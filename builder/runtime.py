@@ -209,6 +209,9 @@ class ContainerRuntime:
         import docker.errors
         t0 = time.monotonic()
         self.last_image_built = False
+        if not self.dockerfile.is_file():
+            raise BuildInputError(f"{self.name}: no Dockerfile at {self.dockerfile}; container builds run from "
+                                  f"a dirtylog source checkout")
         base_id = ensure_base_image(self.base_image, client=self.client, log=log)
         context, digest = build_context(self.dockerfile)
         buildargs = {"BASE_IMAGE": self.base_image, "BUILDER_UID": str(self.builder_uid),
@@ -316,11 +319,10 @@ class ContainerRuntime:
         except docker.errors.APIError as e:
             raise BuildError(f"{self.name}: {' '.join(str(e.explanation or e).split())}") from None
         finally:
-            if container is not None:
-                try:
-                    container.remove(force=True)
-                except docker.errors.APIError:
-                    pass
+            try:  # by name: also when interrupted between its creation and run() returning
+                (container or self.client.containers.get(name)).remove(force=True)
+            except docker.errors.APIError:  # NotFound included: never created, or already gone
+                pass
             if not ok:  # staging dirs of a builder that was killed before its own cleanup
                 import shutil
                 for p in set(out.parent.glob(f".{out.name}.staging-*")) - before:
