@@ -331,3 +331,15 @@ name = "later"
     started = [s for s in r["scenarios"] if s["status"] == "interrupted"]
     assert all(s["report"] and s["report"]["verdict"] == "interrupted" for s in started)
     assert "interrupted" in err
+
+
+def test_scenarios_are_checked_against_their_artifacts_before_anything_starts(artifacts, tmp_path):
+    m = _write(tmp_path, '[[scenario]]\nname = "ok"\nmachine = "virt"\n\n'
+                         '[[scenario]]\nname = "pc"\nmachine = "q35"\nsmp = 1\n')
+    res = _run("run", m, "--artifacts", artifacts, "--run-dir", tmp_path / "run", timeout=120)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert f"scenario 'pc' ({m}:5): machine q35 runs x86_64 guests; the artifacts in" in res.stderr
+    assert not list((tmp_path / "run").glob("*/trial-01")) if (tmp_path / "run").exists() else True
+    m2 = _write(tmp_path, '[[scenario]]\nname = "a"\nqemu = "/nonexistent/qemu-system-arm"\n', name="q.toml")
+    res = _run("run", m2, "--artifacts", artifacts, "--run-dir", tmp_path / "run2", timeout=120)
+    assert res.returncode == 2 and "scenario 'a'" in res.stderr, res.stderr
