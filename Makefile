@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup run test test-fast clean
+.PHONY: setup setup-docker run test test-fast test-container clean
 
 setup: $(VENV)/.installed
 
@@ -17,13 +17,21 @@ $(VENV)/.installed: pyproject.toml scripts/setup-host.sh
 run: setup
 	$(VENV)/bin/dirtylog make-and-verify
 
-# Everything, end-to-end tests with real QEMU migrations included.
-test: setup
+# A container engine (Debian's docker.io, dockerd started if none answers) and the base image,
+# made with debootstrap since no image registry is reachable.
+setup-docker: setup
+	PYTHON=$(PY) bash scripts/setup-docker.sh .ci-state
+
+# Everything: end-to-end tests with real QEMU migrations and real container builds included.
+test: setup setup-docker
 	$(PY) -m pytest -v -rs
 
-# Unit tests only (no guest boots).
+# Unit tests only (no guest boots, no containers).
 test-fast: setup
-	$(PY) -m pytest -v -rs -m "not e2e"
+	$(PY) -m pytest -v -rs -m "not e2e and not container and not qemu_build"
+
+test-container: setup-docker
+	$(PY) -m pytest -v -rs -m container
 
 clean:
 	rm -rf $(VENV) artifacts dirtylog-runs

@@ -131,17 +131,21 @@ def build_options(f):
                      help="Debian mirror (default: the one in this machine's apt sources).")(f)
     f = click.option("--cache-dir", type=click.Path(path_type=Path),
                      help="Download cache (default: $DIRTYLOG_CACHE or ~/.cache/dirtylog).")(f)
+    f = click.option("--runtime", type=click.Choice(["auto", "host", "docker", "podman"]), default="auto",
+                     show_default=True,
+                     help="Where to build: a container (docker; podman through its Docker API socket) or this "
+                          "host; auto: a container when an engine answers, this host otherwise.")(f)
     f = click.option("--arch", type=click.Choice(["armv7", "aarch64", "x86_64"]), default="armv7",
                      show_default=True,
                      help="Guest architecture: armv7 (vexpress-a15/virt), aarch64 (virt), x86_64 (q35).")(f)
     return f
 
 
-def _build(console, out, offline, mirror, cache_dir, arch):
-    from builder.build import build_artifacts
-    console.step(f"building {arch} guest artifacts into {out}")
-    manifest = build_artifacts(out, arch=arch, offline=offline, mirror=mirror, cache_dir=cache_dir,
-                               log=console.step)
+def _build(console, out, offline, mirror, cache_dir, arch, runtime):
+    from builder.runtime import get_runtime
+    rt = get_runtime(runtime, log=console.detail)
+    console.step(f"building {arch} guest artifacts into {out} (runtime: {rt.name})")
+    manifest = rt.build(out, arch=arch, offline=offline, mirror=mirror, cache_dir=cache_dir, log=console.step)
     for entry in manifest["files"]:
         console.step(f"  {entry['name']}  {entry['sha256']}")
     return manifest
@@ -150,14 +154,14 @@ def _build(console, out, offline, mirror, cache_dir, arch):
 @cli.command()
 @build_options
 @click.pass_obj
-def build(console, out, offline, mirror, cache_dir, arch):
+def build(console, out, offline, mirror, cache_dir, arch, runtime):
     """Build the guest artifacts and manifest.json.
 
     armv7: zImage, guest_a15x2.dtb, initrd.cpio-dirtyram.gz, dirtyram.arm; aarch64: Image,
     initrd.cpio-dirtyram.gz, dirtyram.aarch64; x86_64: bzImage, initrd.cpio-dirtyram.gz,
     dirtyram.x86_64.
     """
-    _build(console, out, offline, mirror, cache_dir, arch)
+    _build(console, out, offline, mirror, cache_dir, arch, runtime)
     click.echo(str(out / "manifest.json"))
 
 
@@ -324,9 +328,9 @@ def verify_cmd(console, artifacts, **kw):
 @build_options
 @verify_options
 @click.pass_obj
-def make_and_verify(console, out, offline, mirror, cache_dir, arch, **kw):
+def make_and_verify(console, out, offline, mirror, cache_dir, arch, runtime, **kw):
     """The one-shot: build the guest artifacts, then verify a live migration with them."""
-    _build(console, out, offline, mirror, cache_dir, arch)
+    _build(console, out, offline, mirror, cache_dir, arch, runtime)
     _verify(console, out, **kw)
 
 
