@@ -317,11 +317,34 @@ def _verify(console, artifacts, **kw):
 @cli.command("verify")
 @click.option("--artifacts", type=click.Path(path_type=Path), default=Path("artifacts"), show_default=True,
               help="Directory made by `dirtylog build` (with manifest.json).")
+@click.option("--matrix", "matrix_file", type=click.Path(path_type=Path),
+              help="Run every scenario of this TOML matrix (matrices/, docs/report-schema.md) instead of one "
+                   "verification; scenario options then come from the file.")
+@click.option("--jobs", type=click.IntRange(1, 256), default=1, show_default=True,
+              help="With --matrix: scenarios run at once (fewer if the host's cores or memory cannot hold them).")
+@click.option("--shard", metavar="I/N", help="With --matrix: run only shard I of N (deterministic, cost-balanced); "
+              "combine shards with `dirtylog report merge`.")
+@click.option("--junit", "junit_path", type=click.Path(path_type=Path), help="With --matrix: also write JUnit XML here.")
+@click.option("--html", "html_path", type=click.Path(path_type=Path), help="With --matrix: also write the HTML report here.")
 @verify_options
-@click.pass_obj
-def verify_cmd(console, artifacts, **kw):
+@click.pass_context
+def verify_cmd(ctx, artifacts, matrix_file, jobs, shard, junit_path, html_path, **kw):
     """Boot source and destination, live-migrate under load, capture and compare guest RAM."""
-    _verify(console, artifacts, **kw)
+    console = ctx.obj
+    if matrix_file is None:
+        for opt, given in (("--jobs", jobs != 1), ("--shard", shard), ("--junit", junit_path), ("--html", html_path)):
+            if given:
+                raise click.UsageError(f"{opt} applies to --matrix runs only")
+        _verify(console, artifacts, **kw)
+        return
+    from click.core import ParameterSource
+    clash = [p.opts[0] for p in ctx.command.params if p.name in kw and p.name not in ("run_dir", "json_path")
+             and ctx.get_parameter_source(p.name) is not ParameterSource.DEFAULT]
+    if clash:
+        raise click.UsageError(f"{', '.join(clash)}: with --matrix the scenario options come from the matrix file")
+    from dirtylog.cli_matrix import run_matrix
+    sys.exit(run_matrix(matrix_file, jobs, shard, artifacts, kw["run_dir"], kw["json_path"], junit_path,
+                        html_path, console))
 
 
 @cli.command("make-and-verify")
@@ -362,6 +385,10 @@ def compare(console, image_a, image_b, page_size, ram_base, json_path):
     out.write(f"differ: {result.diff_count} of {result.page_count} pages in {len(result.diff_ranges())} ranges\n")
     sys.exit(EXIT_DIFFERENCES)
 
+
+from dirtylog.cli_matrix import register as _register_matrix_commands  # noqa: E402
+
+_register_matrix_commands(cli)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

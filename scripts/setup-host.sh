@@ -15,6 +15,7 @@ packages=(
   cpio xz-utils ca-certificates git python3-venv
   # for the tests only: running armv7 binaries, negative ELF cases, a signed fake archive
   qemu-user-static gcc-arm-linux-gnueabi gpg
+  chromium fonts-liberation                    # rendering the HTML report headless
 )
 missing=()
 for p in "${packages[@]}"; do
