@@ -1,0 +1,137 @@
+#!/bin/sh
+# Buildroot post-image script: publishes the dirtylog guest artifacts under their
+# dirtylog names and writes manifest.json (schema dirtylog-artifacts/1, as
+# builder/build.py writes it) into BINARIES_DIR/dirtylog/.
+#
+# Usage (by Buildroot): post-image.sh BINARIES_DIR ARCH     ARCH: armv7 | aarch64
+# Environment (exported by Buildroot): BR2_CONFIG, TARGET_DIR, HOST_DIR, BR2_VERSION,
+# SOURCE_DATE_EPOCH (with BR2_REPRODUCIBLE=y). Needs only sh, sha256sum, sed.
+set -eu
+
+binaries_dir=$1
+arch=${2:-armv7}
+target_dir=${TARGET_DIR:?TARGET_DIR is not set (run by Buildroot?)}
+config=${BR2_CONFIG:?BR2_CONFIG is not set (run by Buildroot?)}
+external=$(cd "$(dirname "$0")/../.." && pwd)
+repo=$(cd "$external/.." && pwd)
+
+# Per architecture: Buildroot's image -> dirtylog's name, and how the guest boots.
+# (builder/build.py's ARCH_BUILDS holds the same names for the Debian engine.)
+case "$arch" in
+armv7)
+	kernel_src=zImage kernel=zImage kernel_format="ARM zImage"
+	dtb_src=vexpress-v2p-ca15-tc1.dtb dtb=guest_a15x2.dtb
+	workload=dirtyram.arm machine=vexpress-a15 console=ttyAMA0
+	min_mem_mb=32  # the CMA-free vexpress kernel (board/dirtylog/linux-vexpress.fragment)
+	;;
+aarch64)
+	kernel_src=Image kernel=Image kernel_format="arm64 Image"
+	dtb_src= dtb=  # QEMU's virt machine makes its own device tree
+	workload=dirtyram.aarch64 machine=virt-aarch64 console=ttyAMA0
+	min_mem_mb=128  # not measured yet: the verifier's default for virt-aarch64
+	;;
+*)
+	echo "post-image.sh: unknown architecture '$arch' (armv7 or aarch64)" >&2
+	exit 1
+	;;
+esac
+initrd_src=rootfs.cpio.gz initrd=initrd.cpio-dirtyram.gz
+workload_path=/root/dirtyram.arm  # where /init finds dirtyram, on every architecture
+
+# The value of a string or bool option in Buildroot's .config ("" when unset).
+config_value() {
+	sed -n "s/^$1=\"\{0,1\}\([^\"]*\)\"\{0,1\}\$/\1/p" "$config" | tail -n 1
+}
+
+# A JSON string literal (the values here never hold control characters).
+json_str() {
+	printf '"%s"' "$(printf '%s' "$1" | sed -e 's/\\/\\\\/g' -e 's/"/\\"/g')"
+}
+
+stage="$binaries_dir/dirtylog.new"
+final="$binaries_dir/dirtylog"
+rm -rf "$stage"
+mkdir -p "$stage"
+
+publish() {  # SOURCE NAME
+	if [ ! -f "$1" ]; then
+		echo "post-image.sh: $1 is missing (is it enabled in the defconfig?)" >&2
+		exit 1
+	fi
+	cp "$1" "$stage/$2"
+}
+publish "$binaries_dir/$kernel_src" "$kernel"
+[ -z "$dtb" ] || publish "$binaries_dir/$dtb_src" "$dtb"
+publish "$binaries_dir/$initrd_src" "$initrd"
+publish "$target_dir$workload_path" "$workload"
+
+file_entry() {  # NAME ROLE
+	sum=$(sha256sum "$stage/$1" | cut -d' ' -f1)
+	size=$(wc -c <"$stage/$1" | tr -d ' ')
+	printf '    {\n      "name": %s,\n      "role": %s,\n      "sha256": "%s",\n      "size": %s\n    }' \
+		"$(json_str "$1")" "$(json_str "$2")" "$sum" "$size"
+}
+
+defconfig=$(basename "$(config_value BR2_DEFCONFIG)" 2>/dev/null || true)
+kernel_version=$(config_value BR2_LINUX_KERNEL_VERSION)
+if [ "$(config_value BR2_TOOLCHAIN_EXTERNAL)" = y ]; then
+	toolchain="external $(config_value BR2_TOOLCHAIN_EXTERNAL_PREFIX)"
+else
+	toolchain=buildroot
+fi
+compiler=
+for cc in "${HOST_DIR:-/nonexistent}"/bin/*-linux-*-gcc; do
+	[ -x "$cc" ] || continue
+	compiler="$(basename "$cc") $("$cc" -dumpfullversion 2>/dev/null || "$cc" -dumpversion)"
+	break
+done
+git_commit=$(git -C "$repo" rev-parse HEAD 2>/dev/null || true)
+epoch=${SOURCE_DATE_EPOCH:-}
+br_version=${BR2_VERSION:-unknown}
+br_dir=$(pwd)  # Buildroot runs this script from its top directory
+build_dir=$(dirname "$config")
+
+null_or_str() { if [ -n "$1" ]; then json_str "$1"; else printf null; fi; }
+
+{
+	printf '{\n'
+	printf '  "schema": "dirtylog-artifacts/1",\n'
+	printf '  "engine": "buildroot",\n'
+	printf '  "runtime": "host",\n'
+	printf '  "arch": %s,\n' "$(json_str "$arch")"
+	printf '  "guest": {\n'
+	printf '    "machine": %s,\n' "$(json_str "$machine")"
+	printf '    "min_mem_mb": %s,\n' "$min_mem_mb"
+	printf '    "console": %s,\n' "$(json_str "$console")"
+	printf '    "workload_cmdline_key": "dirtylog.workload",\n'
+	printf '    "page_header_format": 1,\n'
+	printf '    "workload_path": %s,\n' "$(json_str "$workload_path")"
+	printf '    "kernel_format": %s\n' "$(json_str "$kernel_format")"
+	printf '  },\n'
+	printf '  "files": [\n'
+	file_entry "$kernel" kernel
+	[ -z "$dtb" ] || { printf ',\n'; file_entry "$dtb" dtb; }
+	printf ',\n'; file_entry "$initrd" initrd
+	printf ',\n'; file_entry "$workload" workload
+	printf '\n  ],\n'
+	printf '  "sources": {\n'
+	printf '    "buildroot": {\n      "version": %s\n    },\n' "$(json_str "$br_version")"
+	printf '    "defconfig": %s,\n' "$(null_or_str "$defconfig")"
+	printf '    "kernel": {\n      "version": %s\n    },\n' "$(null_or_str "$kernel_version")"
+	printf '    "toolchain": %s,\n' "$(json_str "$toolchain")"
+	printf '    "br2_external": "buildroot-external",\n'
+	printf '    "dirtyram_src": "dirtyram-src",\n'
+	printf '    "dirtylog_git_commit": %s\n' "$(null_or_str "$git_commit")"
+	printf '  },\n'
+	printf '  "tools": {\n'
+	printf '    "cross_compiler": %s,\n' "$(null_or_str "$compiler")"
+	printf '    "host": %s\n' "$(json_str "$(uname -s) $(uname -m)")"
+	printf '  },\n'
+	printf '  "source_date_epoch": %s,\n' "${epoch:-null}"
+	printf '  "reproducer": %s\n' "$(json_str "make -C $br_dir O=$build_dir BR2_EXTERNAL=$external ${defconfig:-<defconfig>} && make -C $build_dir")"
+	printf '}\n'
+} >"$stage/manifest.json"
+
+rm -rf "$final"
+mv "$stage" "$final"
+echo "post-image.sh: dirtylog artifacts in $final"
