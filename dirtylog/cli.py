@@ -135,13 +135,31 @@ def build_options(f):
                      show_default=True,
                      help="Where to build: a container (docker; podman through its Docker API socket) or this "
                           "host; auto: a container when an engine answers, this host otherwise.")(f)
+    f = click.option("--engine", type=click.Choice(["debian", "buildroot"]), default="debian", show_default=True,
+                     help="debian: Debian's pinned kernel and busybox; buildroot: everything from source "
+                          "through buildroot-external/ (needs --buildroot-dir).")(f)
+    f = click.option("--buildroot-dir", type=click.Path(path_type=Path), help="A Buildroot tree (LTS 2026.02.x).")(f)
+    f = click.option("--dl-dir", type=click.Path(path_type=Path),
+                     help="Buildroot download cache; with --offline every missing archive is named first.")(f)
+    f = click.option("--toolchain", type=click.Choice(["buildroot", "host"]), default="buildroot",
+                     show_default=True, help="Buildroot engine: its own toolchain, or Debian's cross-compiler.")(f)
     f = click.option("--arch", type=click.Choice(["armv7", "aarch64", "x86_64"]), default="armv7",
                      show_default=True,
                      help="Guest architecture: armv7 (vexpress-a15/virt), aarch64 (virt), x86_64 (q35).")(f)
     return f
 
 
-def _build(console, out, offline, mirror, cache_dir, arch, runtime):
+def _build(console, out, offline, mirror, cache_dir, arch, runtime, engine="debian", buildroot_dir=None,
+           dl_dir=None, toolchain="buildroot"):
+    if engine == "buildroot":
+        from builder.buildroot import ARCH_DEFCONFIGS, build_with_buildroot
+        if arch not in ARCH_DEFCONFIGS:
+            raise click.BadParameter(f"the buildroot engine builds {', '.join(ARCH_DEFCONFIGS)}", param_hint="--arch")
+        console.step(f"building {arch} guest artifacts from source with Buildroot into {out}")
+        return build_with_buildroot(out, ARCH_DEFCONFIGS[arch], buildroot_dir=buildroot_dir, dl_dir=dl_dir,
+                                    offline=offline, toolchain=toolchain, log=console.step)
+    if buildroot_dir or dl_dir:
+        raise click.UsageError("--buildroot-dir and --dl-dir go with --engine buildroot")
     from builder.runtime import get_runtime
     rt = get_runtime(runtime, log=console.detail)
     console.step(f"building {arch} guest artifacts into {out} (runtime: {rt.name})")
@@ -154,14 +172,14 @@ def _build(console, out, offline, mirror, cache_dir, arch, runtime):
 @cli.command()
 @build_options
 @click.pass_obj
-def build(console, out, offline, mirror, cache_dir, arch, runtime):
+def build(console, out, offline, mirror, cache_dir, arch, runtime, engine, buildroot_dir, dl_dir, toolchain):
     """Build the guest artifacts and manifest.json.
 
     armv7: zImage, guest_a15x2.dtb, initrd.cpio-dirtyram.gz, dirtyram.arm; aarch64: Image,
     initrd.cpio-dirtyram.gz, dirtyram.aarch64; x86_64: bzImage, initrd.cpio-dirtyram.gz,
     dirtyram.x86_64.
     """
-    _build(console, out, offline, mirror, cache_dir, arch, runtime)
+    _build(console, out, offline, mirror, cache_dir, arch, runtime, engine, buildroot_dir, dl_dir, toolchain)
     click.echo(str(out / "manifest.json"))
 
 
@@ -351,9 +369,10 @@ def verify_cmd(ctx, artifacts, matrix_file, jobs, shard, junit_path, html_path, 
 @build_options
 @verify_options
 @click.pass_obj
-def make_and_verify(console, out, offline, mirror, cache_dir, arch, runtime, **kw):
+def make_and_verify(console, out, offline, mirror, cache_dir, arch, runtime, engine, buildroot_dir, dl_dir,
+                    toolchain, **kw):
     """The one-shot: build the guest artifacts, then verify a live migration with them."""
-    _build(console, out, offline, mirror, cache_dir, arch, runtime)
+    _build(console, out, offline, mirror, cache_dir, arch, runtime, engine, buildroot_dir, dl_dir, toolchain)
     _verify(console, out, **kw)
 
 

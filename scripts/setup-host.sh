@@ -13,6 +13,7 @@ packages=(
   gcc libc6-dev make                           # dirtyram for x86_64 guests and for its tests
   gpgv debian-archive-keyring                  # authenticating the Debian archive
   cpio xz-utils ca-certificates git python3-venv
+  device-tree-compiler rsync bc unzip file wget  # the Buildroot engine's host requirements
   # for the tests only: running armv7 binaries, negative ELF cases, a signed fake archive
   qemu-user-static gcc-arm-linux-gnueabi gpg
   chromium fonts-liberation                    # rendering the HTML report headless
