@@ -180,10 +180,17 @@ def patch_files(version: str) -> list[Path]:
     return files
 
 
+def _host_python() -> str | None:
+    return "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else shutil.which("python3")
+
+
 def configure_args(version: str) -> list[str]:
     args = list(_COMMON_CONFIGURE)
-    python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else shutil.which("python3")
-    args.append(f"--python={python}")
+    if version != "7.2":
+        # 10.0 builds its venv (meson from python/wheels) from Debian's python3.  7.2 refuses
+        # --python without its embedded meson (absent from Debian's tarball): it runs the system
+        # meson and finds python3 on PATH.
+        args.append(f"--python={_host_python()}")
     return args
 
 
@@ -402,7 +409,7 @@ def check_build_deps(version: str) -> None:
     for prog, pkg in _TOOLS.items():
         if shutil.which(prog) is None and pkg not in missing:
             missing.append(pkg)
-    py = configure_args(version)[-1].split("=", 1)[1]
+    py = _host_python()
     if not py or subprocess.run(
             [py, "-c", "import venv, importlib.util as u; "
                        "assert u.find_spec('ensurepip') or u.find_spec('pip')"],

@@ -106,10 +106,15 @@ def test_cache_key_covers_patch_bytes_and_configure_args(tmp_path):
 # with the patched QEMU
 
 
-@pytest.fixture(scope="session")
-def patched_qemu():
+def _versions() -> list[str]:
+    """QEMU 10.0 by default; DIRTYLOG_SAVEDIRTYLOG_QEMU=10.0,7.2 tests 7.2's patch too."""
+    return [v.strip() for v in os.environ.get("DIRTYLOG_SAVEDIRTYLOG_QEMU", "10.0").split(",") if v.strip()]
+
+
+@pytest.fixture(scope="session", params=_versions())
+def patched_qemu(request):
     t0 = time.monotonic()
-    build = qemu_build.build_patched_qemu("10.0", Cache(), log=lambda m: print(f"[qemu_build] {m}"))
+    build = qemu_build.build_patched_qemu(request.param, Cache(), log=lambda m: print(f"[qemu_build] {m}"))
     print(f"[qemu_build] {build.qemu_system_arm} ({'cache hit' if build.cache_hit else 'built'} in "
           f"{time.monotonic() - t0:.1f} s)")
     return build
@@ -160,8 +165,9 @@ def _same(a: Path, b: Path) -> None:
 @pytest.mark.qemu_build
 def test_patched_qemu_lists_the_option(patched_qemu):
     assert supports_savedirtylog(patched_qemu.qemu_system_arm)
-    assert patched_qemu.version.startswith("10.0.")
-    assert patched_qemu.source_version == qemu_build.load_qemu_lock("10.0").version
+    key = ".".join(patched_qemu.version.split(".")[:2])
+    assert key in qemu_build.SUPPORTED
+    assert patched_qemu.source_version == qemu_build.load_qemu_lock(key).version
     meta = json.loads((patched_qemu.directory / "build.json").read_text())
     assert meta["cache_key"] == patched_qemu.cache_key
 
@@ -249,7 +255,8 @@ def test_unwritable_destination_path_fails_incoming_and_never_resumes(patched_qe
 @pytest.mark.qemu_build
 def test_rebuild_is_a_cache_hit(patched_qemu):
     t0 = time.monotonic()
-    again = qemu_build.build_patched_qemu("10.0", Cache(), offline=True, log=lambda m: None)
+    key = ".".join(patched_qemu.version.split(".")[:2])
+    again = qemu_build.build_patched_qemu(key, Cache(), offline=True, log=lambda m: None)
     elapsed = time.monotonic() - t0
     assert again.cache_hit
     assert again.qemu_system_arm == patched_qemu.qemu_system_arm
