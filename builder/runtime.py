@@ -384,13 +384,74 @@ class DockerRuntime(ContainerRuntime):
     name = "docker"
 
 
+def _podman_client(client):
+    """`client` (a connected docker SDK client) with the Docker-API differences of podman smoothed over.
+
+    Podman's compat API (4.3, Debian 12) ignores an empty Entrypoint list and runs the image's
+    ENTRYPOINT ("dirtylog sleep infinity" here): docker's `entrypoint=[]`, "no entrypoint, run the
+    command", is sent instead as the command's first word as the entrypoint, which both engines read
+    alike.
+    """
+    import docker
+    from docker.models.containers import ContainerCollection
+
+    class PodmanContainers(ContainerCollection):
+        def run(self, image, command=None, **kw):
+            if kw.get("entrypoint") == [] and isinstance(command, (list, tuple)) and command:
+                kw["entrypoint"], command = list(command[:1]), list(command[1:])
+            return super().run(image, command, **kw)
+
+        def create(self, image, command=None, **kw):
+            if kw.get("entrypoint") == [] and isinstance(command, (list, tuple)) and command:
+                kw["entrypoint"], command = list(command[:1]), list(command[1:])
+            return super().create(image, command, **kw)
+
+    class PodmanClient(docker.DockerClient):
+        def __init__(self, api):  # noqa: super().__init__ would connect again
+            self.api = api
+
+        @property
+        def containers(self):
+            return PodmanContainers(client=self)
+
+    return PodmanClient(client.api)
+
+
+_PODMAN_HINT = re.compile(r" \((?:engine not installed|the engine is not running)[^)]*\)$")
+
+
 class PodmanRuntime(ContainerRuntime):
-    """Podman through its Docker-compatible API service (`podman system service`)."""
+    """Podman through its Docker-compatible API service (`podman system service`).
+
+    Rootful: the service listens on /run/podman/podman.sock (scripts/setup-podman.sh starts it as
+    root); rootless: on $XDG_RUNTIME_DIR/podman/podman.sock (`systemctl --user start podman.socket`),
+    tried first. Each has its own image storage, which needs dirtylog-base:bookworm (the setup script
+    copies it from docker or makes it). The build runs as the caller's uid:gid like with docker;
+    rootful podman as root maps uids 1:1, so the files are the caller's. Rootless podman maps the
+    caller to root in the container and other uids to subordinate ids, so there the container would
+    need `--userns=keep-id` (not passed here: this runtime is used rootful).
+    """
 
     name = "podman"
 
     def __init__(self, base_url: str | None = None, **kw):
         super().__init__(base_url or f"unix://{podman_socket()}", **kw)
+
+    def __repr__(self) -> str:
+        return f"PodmanRuntime({self.base_url})"
+
+    @property
+    def client(self):
+        if self._client is None:
+            try:
+                client = docker_client(self.base_url, what=self.name)
+            except EngineError as e:  # the socket's hint names podman's service, not dockerd
+                msg = _PODMAN_HINT.sub(" (podman's API service is not running; run scripts/setup-podman.sh as root, "
+                                       "or start it: podman system service --time=0 "
+                                       f"{self.base_url})", str(e))
+                raise EngineError(msg) from None
+            self._client = _podman_client(client)
+        return self._client
 
 
 class HostRuntime:
