@@ -214,8 +214,10 @@ def verify_options(f):
                           "Default: the 2014 procedure's 512:512:50 512:512:50 50:50:5."),
         click.option("--trials", type=click.IntRange(1, 1000), default=1, show_default=True,
                      help="Independent migrations to run."),
-        click.option("--capture", type=click.Choice(["auto", "backing-file", "pmemsave"]), default="auto",
-                     show_default=True, help="How guest RAM is captured on each side."),
+        click.option("--capture", type=click.Choice(["auto", "savedirtylog", "backing-file", "pmemsave"]),
+                     default="auto", show_default=True,
+                     help="How guest RAM is captured on each side (auto: -savedirtylog when the QEMU has it, "
+                          "else the RAM backing file)."),
         click.option("--transport", type=click.Choice(["unix", "tcp"]), default="unix", show_default=True,
                      help="Migration channel between the two local QEMUs."),
         click.option("--migration-address", default="127.0.0.1", show_default=True,

@@ -246,9 +246,9 @@ def _run_trial(trial: TrialResult, art: GuestArtifacts, opts: VerifyOptions, qem
             trial.injection = {"kind": "untracked-writes", "pages": pages}
             reporter.step(f"trial {trial.index}: injected untracked writes into {len(pages)} source pages")
         policy.before_switchover = inject_now
-    dst_args = machine_args(qemu, config("dst")) + ["-S", "-incoming", "defer"]
-    with QemuProcess(qemu, dst_args, tdir, "dst") as dst, \
-            QemuProcess(qemu, machine_args(qemu, config("src")), tdir, "src") as src:
+    dst_args = machine_args(qemu, config("dst")) + ["-S", "-incoming", "defer"] + _capture.qemu_args(capture, "dst")
+    src_args = machine_args(qemu, config("src")) + _capture.qemu_args(capture, "src")
+    with QemuProcess(qemu, dst_args, tdir, "dst") as dst, QemuProcess(qemu, src_args, tdir, "src") as src:
         trial.cmdlines = {"src": src.cmdline, "dst": dst.cmdline}
         for side, proc in (("destination", dst), ("source", src)):
             reporter.detail(f"{side} QEMU: " + (tdir / f"cmdline-{proc.name}.txt").read_text().strip())
