@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup setup-docker run test test-fast test-container clean
+.PHONY: setup setup-docker setup-podman run test test-fast test-container clean
 
 setup: $(VENV)/.installed
 
@@ -22,15 +22,20 @@ run: setup
 setup-docker: setup
 	PYTHON=$(PY) bash scripts/setup-docker.sh .ci-state
 
+# Podman's Docker-compatible API service (rootful, /run/podman/podman.sock) with the base image in
+# podman's own storage (copied from docker, else made with debootstrap).
+setup-podman: setup-docker
+	PYTHON=$(PY) bash scripts/setup-podman.sh .ci-state
+
 # Everything: end-to-end tests with real QEMU migrations and real container builds included.
-test: setup setup-docker
+test: setup setup-docker setup-podman
 	$(PY) -m pytest -v -rs
 
 # Unit tests only (no guest boots, no containers).
 test-fast: setup
 	$(PY) -m pytest -v -rs -m "not e2e and not container and not qemu_build"
 
-test-container: setup-docker
+test-container: setup-docker setup-podman
 	$(PY) -m pytest -v -rs -m container
 
 clean:
