@@ -113,7 +113,7 @@ def main(argv=None) -> None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("-v", "--verbose", is_flag=True,
-              help="Show QEMU command lines (QMP traffic is always in the run directory's qmp-*.log).")
+              help="Show QEMU command lines and QMP traffic (always kept in the run directory's qmp-*.log).")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the verdict.")
 @click.version_option(package_name="dirtylog")
 @click.pass_context

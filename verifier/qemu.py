@@ -226,7 +226,7 @@ class SerialConsole:
 class QemuProcess:
     """One QEMU with its QMP monitor and serial console, all on socketpairs (no paths, no ports)."""
 
-    def __init__(self, binary: QemuBinary, args: list[str], workdir: Path, name: str):
+    def __init__(self, binary: QemuBinary, args: list[str], workdir: Path, name: str, on_qmp=None):
         self.binary = binary
         self.args = args
         self.workdir = workdir
@@ -238,6 +238,7 @@ class QemuProcess:
         self._qmp_log = None
         self.cmdline: list[str] = []
         self.stderr_path = workdir / f"qemu-{name}.log"
+        self.on_qmp = on_qmp  # called with each logged QMP line (--verbose)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def __enter__(self) -> "QemuProcess":
@@ -364,9 +365,12 @@ class QemuProcess:
         return result
 
     def _log_qmp(self, direction: str, msg: dict) -> None:
+        line = f"{direction} {json.dumps(msg, default=str)}"
         if self._qmp_log is not None:
-            self._qmp_log.write(f"{time.time():.3f} {direction} {json.dumps(msg, default=str)}\n")
+            self._qmp_log.write(f"{time.time():.3f} {line}\n")
             self._qmp_log.flush()
+        if self.on_qmp is not None:
+            self.on_qmp(f"QMP {self.name} {line}")
 
     def status(self) -> str:
         return self.qmp("query-status")["status"]

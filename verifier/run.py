@@ -248,7 +248,8 @@ def _run_trial(trial: TrialResult, art: GuestArtifacts, opts: VerifyOptions, qem
         policy.before_switchover = inject_now
     dst_args = machine_args(qemu, config("dst")) + ["-S", "-incoming", "defer"] + _capture.qemu_args(capture, "dst")
     src_args = machine_args(qemu, config("src")) + _capture.qemu_args(capture, "src")
-    with QemuProcess(qemu, dst_args, tdir, "dst") as dst, QemuProcess(qemu, src_args, tdir, "src") as src:
+    with QemuProcess(qemu, dst_args, tdir, "dst", on_qmp=reporter.detail) as dst, \
+            QemuProcess(qemu, src_args, tdir, "src", on_qmp=reporter.detail) as src:
         trial.cmdlines = {"src": src.cmdline, "dst": dst.cmdline}
         for side, proc in (("destination", dst), ("source", src)):
             reporter.detail(f"{side} QEMU: " + (tdir / f"cmdline-{proc.name}.txt").read_text().strip())
@@ -319,6 +320,9 @@ def _wait_until_ready(src: QemuProcess, art: GuestArtifacts, opts: VerifyOptions
     if m is None:
         if not src.alive():
             src._raise_dead("exited while the guest was booting")
+        if opts.accel == "kvm":
+            raise QemuError(f"KVM is not usable here: the guest did not boot under KVM within "
+                            f"{opts.boot_timeout_s:.0f} s (see {tdir / 'serial-src.log'}); use --accel tcg")
         raise QemuError(f"the guest did not report ready within {opts.boot_timeout_s:.0f} s; "
                         f"see {tdir / 'serial-src.log'}")
     marker = m.group(0).decode(errors="replace").strip()
