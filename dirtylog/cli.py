@@ -135,6 +135,8 @@ def build_options(f):
                      show_default=True,
                      help="Where to build: a container (docker; podman through its Docker API socket) or this "
                           "host; auto: a container when an engine answers, this host otherwise.")(f)
+    f = click.option("--qemu-version", type=click.Choice(["10.0", "7.2"]), default="10.0", show_default=True,
+                     help="Which Debian QEMU source package the patched QEMU (-savedirtylog) is built from.")(f)
     f = click.option("--engine", type=click.Choice(["debian", "buildroot"]), default="debian", show_default=True,
                      help="debian: Debian's pinned kernel and busybox; buildroot: everything from source "
                           "through buildroot-external/ (needs --buildroot-dir).")(f)
@@ -169,10 +171,33 @@ def _build(console, out, offline, mirror, cache_dir, arch, runtime, engine="debi
     return manifest
 
 
+def _build_patched_qemu(console, out, version, mirror, cache_dir, offline) -> str:
+    """Build (or reuse) QEMU with -savedirtylog and record it in the artifacts' manifest."""
+    from builder.cache import Cache
+    from builder.qemu_build import build_patched_qemu
+    console.step(f"building (or reusing) QEMU {version} with -savedirtylog")
+    qb = build_patched_qemu(version, Cache(cache_dir), mirror=mirror, offline=offline, log=console.step,
+                            progress=sys.stderr.isatty())
+    manifest_path = out / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["qemu"] = {"path": str(qb.qemu_system_arm), "version": qb.version, "patched": True,
+                        "source_package": qb.source_package, "source_version": qb.source_version,
+                        "patches": list(qb.patches), "cache_key": qb.cache_key}
+    tmp = manifest_path.with_name(manifest_path.name + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    tmp.replace(manifest_path)
+    console.step(f"  {qb.qemu_system_arm} ({qb.version_text}{', cached' if qb.cache_hit else ''})")
+    return str(qb.qemu_system_arm)
+
+
 @cli.command()
 @build_options
+@click.option("--qemu", "qemu_kind", type=click.Choice(["stock", "patched"]), default="stock", show_default=True,
+              help="patched: also build (or reuse) QEMU with -savedirtylog from Debian's source package, "
+                   "recorded in the manifest so that verify uses it.")
 @click.pass_obj
-def build(console, out, offline, mirror, cache_dir, arch, runtime, engine, buildroot_dir, dl_dir, toolchain):
+def build(console, out, offline, mirror, cache_dir, arch, runtime, engine, buildroot_dir, dl_dir, toolchain,
+          qemu_version, qemu_kind):
     """Build the guest artifacts and manifest.json.
 
     armv7: zImage, guest_a15x2.dtb, initrd.cpio-dirtyram.gz, dirtyram.arm; aarch64: Image,
@@ -180,6 +205,8 @@ def build(console, out, offline, mirror, cache_dir, arch, runtime, engine, build
     dirtyram.x86_64.
     """
     _build(console, out, offline, mirror, cache_dir, arch, runtime, engine, buildroot_dir, dl_dir, toolchain)
+    if qemu_kind == "patched":
+        _build_patched_qemu(console, out, qemu_version, mirror, cache_dir, offline)
     click.echo(str(out / "manifest.json"))
 
 
@@ -199,7 +226,9 @@ def lock_cmd(console, refresh, mirror):
 def verify_options(f):
     opts = [
         click.option("--qemu", default=None,
-                     help="QEMU system emulator to test (default: qemu-system-arm, -aarch64 or -x86_64 by machine)."),
+                     help="QEMU system emulator to test (default: the one recorded in the manifest, else "
+                          "qemu-system-arm, -aarch64 or -x86_64 by machine). make-and-verify also takes "
+                          "'patched' (its default for armv7) or 'stock'."),
         click.option("--machine", type=click.Choice(["vexpress-a15", "virt", "virt-aarch64", "q35"]), default=None,
                      help="Guest machine model (default: the manifest's; armv7: vexpress-a15 as in 2014, or virt)."),
         click.option("--smp", type=int, default=2, show_default=True, help="Guest vCPUs."),
@@ -302,6 +331,9 @@ def _verify(console, artifacts, **kw):
         art = foreign_artifacts(kw["kernel"], kw["dtb"], kw["initrd"], kw["machine"] or "vexpress-a15", base)
     else:
         art = load_artifacts(artifacts)
+    if kw["qemu"] is None and art.manifest.get("qemu", {}).get("path"):
+        kw["qemu"] = art.manifest["qemu"]["path"]  # the QEMU built with the artifacts
+        console.step(f"QEMU from the manifest: {kw['qemu']}")
     for note in art.notes:
         console.step(f"note: {note}")
     opts = VerifyOptions(
@@ -372,9 +404,18 @@ def verify_cmd(ctx, artifacts, matrix_file, jobs, shard, junit_path, html_path, 
 @verify_options
 @click.pass_obj
 def make_and_verify(console, out, offline, mirror, cache_dir, arch, runtime, engine, buildroot_dir, dl_dir,
-                    toolchain, **kw):
-    """The one-shot: build the guest artifacts, then verify a live migration with them."""
+                    toolchain, qemu_version, **kw):
+    """The one-shot: build the guest artifacts and (armv7) QEMU with -savedirtylog, then verify.
+
+    --qemu patched (default for armv7) builds or reuses the patched QEMU; --qemu stock uses the
+    system's qemu-system-*; --qemu PATH a binary of your own.
+    """
     _build(console, out, offline, mirror, cache_dir, arch, runtime, engine, buildroot_dir, dl_dir, toolchain)
+    choice = kw["qemu"] or ("patched" if arch == "armv7" else "stock")
+    if choice == "patched":
+        kw["qemu"] = _build_patched_qemu(console, out, qemu_version, mirror, cache_dir, offline)
+    elif choice == "stock":
+        kw["qemu"] = None
     _verify(console, out, **kw)
 
 
