@@ -38,7 +38,9 @@ def main() -> int:
     ap.add_argument("--smp", default="1")
     ap.add_argument("--kinds", default="clean,untracked-writes,corrupt-capture")
     a = ap.parse_args()
-    base = ["--artifacts", a.artifacts, "--qemu", a.qemu, "--machine", a.machine, "--smp", a.smp]
+    # untracked writes go through the source's RAM file: capture from the backing files throughout
+    base = ["--artifacts", a.artifacts, "--qemu", a.qemu, "--machine", a.machine, "--smp", a.smp,
+            "--capture", "backing-file"]
     rows = []
     with tempfile.TemporaryDirectory(prefix="sensitivity-", dir=".") as tmp:
         for kind in a.kinds.split(","):
