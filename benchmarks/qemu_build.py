@@ -54,10 +54,10 @@ class WriteTimer(threading.Thread):
         self.partial = path.with_name(path.name + ".partial")
         self.started: float | None = None
         self.done: float | None = None
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             now = time.perf_counter()
             if self.started is None and self.partial.exists():
                 self.started = now
@@ -69,7 +69,7 @@ class WriteTimer(threading.Thread):
             time.sleep(0.001)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
 
     @property
     def seconds(self) -> float | None:

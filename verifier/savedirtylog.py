@@ -3,7 +3,7 @@
 A QEMU built with dirtylog's patch (``verifier/patches/``, built by ``builder/qemu_build.py``)
 accepts ``-savedirtylog [PATH]`` and writes all of main guest RAM (``machine->ram``: the
 ``memory-backend`` or the board's RAM block, e.g. ``mach-virt.ram``, ``vexpress.highmem``), in
-guest-physical order, in one large write loop followed by fsync:
+guest-physical order, in a 64 MiB pwrite loop (O_DIRECT when possible) followed by fsync:
 
 - on the source, in the migration thread once the final stage has sent everything, before the
   migration is reported ``completed`` (and so before the source goes ``postmigrate``);
