@@ -231,6 +231,8 @@ def verify_options(f):
                           "'patched' (its default for armv7) or 'stock'."),
         click.option("--machine", type=click.Choice(["vexpress-a15", "virt", "virt-aarch64", "q35"]), default=None,
                      help="Guest machine model (default: the manifest's; armv7: vexpress-a15 as in 2014, or virt)."),
+        click.option("--machine-opts", default="", metavar="PROP=VALUE[,...]",
+                     help="Extra -machine properties, e.g. secure=off for vexpress-a15 (see README)."),
         click.option("--smp", type=int, default=2, show_default=True, help="Guest vCPUs."),
         click.option("--mem", "mem_mb", type=int, default=256, show_default=True, help="Guest RAM in MiB."),
         click.option("--max-bandwidth", type=ByteRate(), default=None,
@@ -346,18 +348,20 @@ def _verify(console, artifacts, **kw):
         parameters=_key_values(kw["parameters"], "--parameter", False), postcopy=kw["postcopy"],
         accel=kw["accel"], tcg_thread=kw["tcg_thread"], kvm_dirty_ring=kw["kvm_dirty_ring"],
         guest_cmds=tuple(kw["guest_cmds"]), ready_pattern=kw["ready_pattern"], seed=kw["seed"],
-        host_backing=kw["host_backing"], guest_pages=kw["guest_pages"])
+        host_backing=kw["host_backing"], guest_pages=kw["guest_pages"], machine_opts=kw["machine_opts"])
     if "max-bandwidth" in opts.parameters or "downtime-limit" in opts.parameters:
         raise click.BadParameter("max-bandwidth and downtime-limit are driven by dirtylog: use "
                                  "--max-bandwidth and --min-passes", param_hint="--parameter")
     if kw["json_path"] is not None and not kw["json_path"].parent.is_dir():
         raise click.BadParameter(f"directory of {kw['json_path']} does not exist", param_hint="--json")
-    report = None
     try:
         report = verify(art, opts, reporter=console)
-    finally:
-        if report is not None:
-            report.write(kw["json_path"])
+    except KeyboardInterrupt as exc:
+        partial = getattr(exc, "report", None)
+        if partial is not None:
+            partial.write(kw["json_path"])  # the trials done so far, verdict "interrupted"
+        raise
+    report.write(kw["json_path"])
     text = report.render_text()
     click.echo(text.splitlines()[0] if console.quiet else text, nl=True)
     failed = next((t for t in report.trials if t.error), None)

@@ -114,6 +114,18 @@ def test_vexpress_destination_that_does_not_run_after_migration_is_a_fail(artifa
     assert "destination did not run after resuming" in res.stdout
 
 
+def test_vexpress_destination_resumes_when_linux_runs_non_secure(artifacts, tmp_path):
+    """The cause of the failure above: under TCG the Secure banks of DACR/TTBR1/... are not
+    migrated. With secure=off Linux runs Non-secure and the same guest resumes."""
+    run_dir = tmp_path / "run"
+    res = run_dirtylog("verify", "--artifacts", artifacts, "--smp", "1", "--machine-opts", "secure=off",
+                       "--min-passes", "1", "--capture", "pmemsave", "--run-dir", run_dir)
+    assert res.returncode == 0, res.stdout + res.stderr
+    trial = _report(run_dir)["trials"][0]
+    assert trial["resume"]["ok"] is True
+    assert "vexpress-a15,secure=off" in " ".join(trial["cmdlines"]["src"])
+
+
 def test_tcp_transport_and_deleted_images_of_a_passing_trial(artifacts, tmp_path):
     run_dir = tmp_path / "run"
     res = run_dirtylog("verify", "--artifacts", artifacts, "--machine", "virt", "--smp", "1", "--capture", "pmemsave",
@@ -153,6 +165,7 @@ def test_ctrl_c_during_migration_stops_every_qemu_and_exits_130(artifacts, tmp_p
     assert "interrupted" in err
     assert "Traceback" not in err
     assert qemu_processes_under(tmp_path) == []
+    assert _report(run_dir)["verdict"] == "interrupted"
 
 
 def test_destination_qemu_killed_mid_migration_is_an_infrastructure_failure(artifacts, tmp_path):

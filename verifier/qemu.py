@@ -112,13 +112,14 @@ class GuestConfig:
     cpu: str | None = None  # default: the machine's CPU model
     ram_file: str | None = None  # memory-backend-file path (relative to the QEMU's working dir)
     host_backing: str = "anon"  # anon | file | memfd | memfd-hugetlb | thp
+    machine_opts: str = ""  # appended to -machine, e.g. "secure=off"
     extra_args: list[str] = field(default_factory=list)
 
 
 def machine_args(qemu: QemuBinary, cfg: GuestConfig) -> list[str]:
     """The QEMU command line (without the binary) for one guest; one place builds it."""
     m = cfg.machine
-    machine_opts = [m.qemu_machine]
+    machine_opts = [m.qemu_machine] + ([cfg.machine_opts] if cfg.machine_opts else [])
     args: list[str] = []
     backend = {
         # The guest RAM itself is a file shared with QEMU: capturing it costs no copy.

@@ -64,6 +64,7 @@ class VerifyOptions:
     seed: int | None = None  # for the random choices of --inject
     host_backing: str = "auto"  # anon | file | memfd | memfd-hugetlb | thp; auto: file for backing-file capture
     guest_pages: str = "4k"  # 4k | hugetlb | thp: how dirtyram maps its buffers in the guest
+    machine_opts: str = ""  # extra -machine properties, e.g. secure=off
 
     def check(self, art: GuestArtifacts) -> None:
         if self.smp < 1 or self.smp > 8:
@@ -156,8 +157,9 @@ def verify(art: GuestArtifacts, opts: VerifyOptions, reporter: Reporter | None =
                 for img in trial.images.values():
                     Path(img).unlink(missing_ok=True)
                 trial.images_deleted = True
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         report.interrupted = True
+        exc.report = report  # so the caller can still write what was done
         raise
     finally:
         report.finish()
@@ -229,7 +231,7 @@ def _run_trial(trial: TrialResult, art: GuestArtifacts, opts: VerifyOptions, qem
                            initrd=art.initrd.resolve(),
                            append=append, mem_mb=opts.mem_mb, smp=opts.smp, accel=accel[0], cpu=accel[1],
                            ram_file=f"{side}.ram" if capture == "backing-file" else None,
-                           host_backing=opts.host_backing)
+                           host_backing=opts.host_backing, machine_opts=opts.machine_opts)
 
     if opts.transport == "unix":
         uri = "unix:migrate.sock"  # relative to the trial directory, the QEMUs' working directory
