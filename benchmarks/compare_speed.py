@@ -17,7 +17,6 @@ Exit status 1 when compare_images on identical images is slower than --max-ratio
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import shutil
 import subprocess

@@ -200,29 +200,33 @@ class Archive:
 
     # -- Packages ---------------------------------------------------------
 
+    def index_bytes(self, rel_path: str) -> bytes:
+        """A signed index (e.g. main/binary-armhf/Packages.xz), fetched by hash and decompressed."""
+        sha, size = self._index_entry(rel_path)
+        directory, name = rel_path.rsplit("/", 1)
+        base = f"{self.mirror}/dists/{self.suite}/{directory}"
+        path = self.cache.get(sha)
+        if path is None:
+            urls = [f"{base}/{name}"]
+            if str(self.release().get("Acquire-By-Hash", "no")).lower() == "yes":
+                urls.insert(0, f"{base}/by-hash/SHA256/{sha}")
+            for i, url in enumerate(urls):
+                try:
+                    path = self.cache.put_from_download(url, sha, size, progress=self.progress)
+                    break
+                except IntegrityError:
+                    raise
+                except DownloadError:
+                    if i == len(urls) - 1:
+                        raise
+        try:
+            return lzma.decompress(path.read_bytes())
+        except lzma.LZMAError as e:
+            raise IntegrityError(f"{base}/{name}: cannot decompress: {e}") from e
+
     def _packages_bytes(self, arch: str) -> bytes:
         if arch not in self._packages:
-            rel_dir = f"{self.component}/binary-{arch}"
-            sha, size = self._index_entry(f"{rel_dir}/Packages.xz")
-            base = f"{self.mirror}/dists/{self.suite}/{rel_dir}"
-            path = self.cache.get(sha)
-            if path is None:
-                urls = [f"{base}/Packages.xz"]
-                if str(self.release().get("Acquire-By-Hash", "no")).lower() == "yes":
-                    urls.insert(0, f"{base}/by-hash/SHA256/{sha}")
-                for i, url in enumerate(urls):
-                    try:
-                        path = self.cache.put_from_download(url, sha, size, progress=self.progress)
-                        break
-                    except IntegrityError:
-                        raise
-                    except DownloadError:
-                        if i == len(urls) - 1:
-                            raise
-            try:
-                self._packages[arch] = lzma.decompress(path.read_bytes())
-            except lzma.LZMAError as e:
-                raise IntegrityError(f"{base}/Packages.xz: cannot decompress: {e}") from e
+            self._packages[arch] = self.index_bytes(f"{self.component}/binary-{arch}/Packages.xz")
         return self._packages[arch]
 
     def find(self, arch: str, predicate: Callable[[str], bool]) -> list[PackageRecord]:

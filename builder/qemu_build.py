@@ -29,7 +29,6 @@ import dataclasses
 import fcntl
 import hashlib
 import json
-import lzma
 import os
 import re
 import shutil
@@ -239,27 +238,7 @@ def _mirror_for(suite: str, mirror: str | None) -> str:
 
 def _sources_paragraph(archive: Archive, package: str, version: str | None) -> Sources:
     """The signed Sources.xz entry of *package* (exactly *version*, else the highest)."""
-    name = f"{archive.component}/source/Sources.xz"
-    sha, size = archive._index_entry(name)  # noqa: SLF001 - same package, verified InRelease
-    base = f"{archive.mirror}/dists/{archive.suite}/{archive.component}/source"
-    path = archive.cache.get(sha)
-    if path is None:
-        urls = [f"{base}/Sources.xz"]
-        if str(archive.release().get("Acquire-By-Hash", "no")).lower() == "yes":
-            urls.insert(0, f"{base}/by-hash/SHA256/{sha}")
-        for i, url in enumerate(urls):
-            try:
-                path = archive.cache.put_from_download(url, sha, size, progress=archive.progress)
-                break
-            except IntegrityError:
-                raise
-            except DownloadError:
-                if i == len(urls) - 1:
-                    raise
-    try:
-        data = lzma.decompress(path.read_bytes())
-    except lzma.LZMAError as e:
-        raise IntegrityError(f"{base}/Sources.xz: cannot decompress: {e}") from e
+    data = archive.index_bytes(f"{archive.component}/source/Sources.xz")
     head = f"Package: {package}\n".encode()
     found = []
     for chunk in re.split(rb"\n(?:[ \t]*\n)+", data):

@@ -1,7 +1,6 @@
 """Shared fixtures: real artifacts built once per session with the real builder."""
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path

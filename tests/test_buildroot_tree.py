@@ -24,7 +24,7 @@ import pytest
 from builder import buildroot
 from builder.build import ARCH_BUILDS
 from builder.cpio import CpioWriter
-from builder.errors import BuildInputError, CacheMissError
+from builder.errors import BuildInputError
 from builder.initrd import DIRTYRAM_PATH
 from verifier.artifacts import load_artifacts
 

@@ -4,7 +4,6 @@ nothing half-written. These run the real CLI; only the guest-booting ones need a
 import json
 import os
 import shutil
-import stat
 from pathlib import Path
 
 import pytest

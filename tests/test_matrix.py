@@ -1,7 +1,6 @@
 """Scenario matrices: parsing with positions, expansion, host fit, shards, and real matrix runs."""
 
 import json
-import os
 import random
 import signal
 import subprocess

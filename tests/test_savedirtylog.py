@@ -9,7 +9,6 @@ RAM (the source's file in postmigrate, the destination's while it is still pause
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil

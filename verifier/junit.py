@@ -59,7 +59,6 @@ def _failure_message(t: dict) -> str:
 def cases(scenario: dict) -> list[dict]:
     """The test cases of one scenario: [{name, time, outcome, message, text}] with outcome in
     pass | failure | error | skipped."""
-    name = scenario["name"]
     report = scenario.get("report")
     trials_wanted = int((scenario.get("params") or {}).get("trials") or 1)
     out = []

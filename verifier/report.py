@@ -11,7 +11,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .compare import CompareResult, guest_phys_addr
+from .compare import CompareResult
 
 REPORT_SCHEMA = "dirtylog-report/1"
 MAX_RANGES_IN_TEXT = 40

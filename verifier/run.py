@@ -12,7 +12,6 @@ import os
 import platform
 import re
 import secrets
-import shutil
 import socket
 import time
 import random
