@@ -36,6 +36,7 @@ RUN set -eu; \
         python3 python3-venv \
         gpgv debian-archive-keyring ca-certificates \
         cpio xz-utils git \
+        ninja-build pkg-config patch meson libglib2.0-dev zlib1g-dev libfdt-dev \
         python3-click python3-pyelftools python3-debian python3-requests python3-tqdm \
         python3-setuptools python3-wheel; \
     apt-get clean; rm -rf /var/lib/apt/lists/*; \

@@ -580,6 +580,15 @@ def _result(entry: Path, meta: dict, hit: bool) -> QemuBuild:
     )
 
 
+def prefetch_sources(version: str, cache: Cache, mirror: str | None = None, offline: bool = False,
+                     log: Callable[[str], None] = print, progress: bool = False) -> None:
+    """Fetch (and verify) every pinned input of a build into the cache, without building."""
+    lock = load_qemu_lock(version)
+    paths = _fetch_sources(lock, cache, mirror, offline, log, progress)
+    _check_dsc(lock, paths)
+    _fetch_wheels(lock, cache, offline, log)
+
+
 def build_patched_qemu(version: str, cache: Cache, mirror: str | None = None, offline: bool = False,
                        log: Callable[[str], None] = print, jobs: int = 2, *,
                        lock_path: Path | None = None, keep_workdir: bool = False,

@@ -257,7 +257,6 @@ class ContainerRuntime:
     def build(self, out: Path, offline: bool = False, mirror: str | None = None,
               cache_dir: Path | None = None, log=lambda msg: None, arch: str = "armv7") -> dict:
         from builder.cache import default_cache_dir
-        import docker.errors
         out = Path(out).absolute()
         if out.exists() and not out.is_dir():
             raise BuildInputError(f"--out {out} exists and is not a directory")
@@ -275,7 +274,6 @@ class ContainerRuntime:
                 pass
         tag, image_id = self.ensure_image(log=log)
 
-        uid, gid = self.as_user or (os.getuid(), os.getgid())
         cmd = ["python3", "-m", "dirtylog.cli", "build", "--out", f"/out/{out.name}", "--cache-dir", "/cache"]
         if arch != "armv7":
             cmd += ["--arch", arch]
@@ -283,46 +281,13 @@ class ContainerRuntime:
             cmd.append("--offline")
         if mirror:
             cmd += ["--mirror", mirror]
-        env = {"HOME": "/tmp", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": "/src",
-               "DIRTYLOG_CACHE": "/cache"}
-        if "SOURCE_DATE_EPOCH" in os.environ:
-            env["SOURCE_DATE_EPOCH"] = os.environ["SOURCE_DATE_EPOCH"]
         before = set(out.parent.glob(f".{out.name}.staging-*"))
-        name = f"dirtylog-build-{uuid.uuid4().hex[:12]}"
-        container = None
         ok = False
         try:
-            container = self.client.containers.run(
-                tag, ["sleep", "infinity"], entrypoint=[], name=name, detach=True, auto_remove=False,
-                user=f"{uid}:{gid}", working_dir="/src", environment=env, init=True,
-                labels={"dirtylog.build": "1"},
-                volumes={str(REPO_ROOT): {"bind": "/src", "mode": "ro"},
-                         str(out.parent): {"bind": "/out", "mode": "rw"},
-                         str(cache): {"bind": "/cache", "mode": "rw"}})
-            log(f"{self.name}: container {name} ({tag}) running: {shlex.join(cmd)}")
-            code, stderr_tail = self._exec(container, cmd, env, f"{uid}:{gid}", log)
-            if code is None or code in (137, 143) or not self._running(container):
-                raise BuildError(f"{self.name}: container {name} was killed mid-build"
-                                 f"{'' if code is None else f' (exit status {code})'}; "
-                                 f"nothing was written to {out}")
-            if code == 2:
-                raise BuildInputError(f"{self.name}: {stderr_tail or 'dirtylog build: input error'}")
-            if code == 130:
-                raise KeyboardInterrupt
-            if code != 0:
-                raise BuildError(f"{self.name}: dirtylog build in the container failed (exit status {code}): "
-                                 f"{stderr_tail or 'no error message'}")
+            self._run_in_container(tag, cmd, cache, {str(out.parent): {"bind": "/out", "mode": "rw"}}, log,
+                                   killed_note=f"nothing was written to {out}")
             ok = True
-        except docker.errors.NotFound:
-            raise BuildError(f"{self.name}: container {name} disappeared mid-build (killed or removed); "
-                             f"nothing was written to {out}") from None
-        except docker.errors.APIError as e:
-            raise BuildError(f"{self.name}: {' '.join(str(e.explanation or e).split())}") from None
         finally:
-            try:  # by name: also when interrupted between its creation and run() returning
-                (container or self.client.containers.get(name)).remove(force=True)
-            except docker.errors.APIError:  # NotFound included: never created, or already gone
-                pass
             if not ok:  # staging dirs of a builder that was killed before its own cleanup
                 import shutil
                 for p in set(out.parent.glob(f".{out.name}.staging-*")) - before:
@@ -349,6 +314,63 @@ class ContainerRuntime:
                 pass
         os.replace(tmp, manifest_path)
         return manifest
+
+    def _run_in_container(self, tag: str, cmd: list[str], cache: Path, volumes: dict, log,
+                          killed_note: str = "") -> None:
+        """Run `cmd` in one fresh container of `tag` (checkout at /src read-only, cache at /cache),
+        as the calling user; map its exit status to typed errors; always remove the container."""
+        import docker.errors
+        uid, gid = self.as_user or (os.getuid(), os.getgid())
+        env = {"HOME": "/tmp", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": "/src",
+               "DIRTYLOG_CACHE": "/cache"}
+        if "SOURCE_DATE_EPOCH" in os.environ:
+            env["SOURCE_DATE_EPOCH"] = os.environ["SOURCE_DATE_EPOCH"]
+        name = f"dirtylog-build-{uuid.uuid4().hex[:12]}"
+        container = None
+        note = f"; {killed_note}" if killed_note else ""
+        try:
+            container = self.client.containers.run(
+                tag, ["sleep", "infinity"], entrypoint=[], name=name, detach=True, auto_remove=False,
+                user=f"{uid}:{gid}", working_dir="/src", environment=env, init=True,
+                labels={"dirtylog.build": "1"},
+                volumes={str(REPO_ROOT): {"bind": "/src", "mode": "ro"},
+                         str(cache): {"bind": "/cache", "mode": "rw"}, **volumes})
+            log(f"{self.name}: container {name} ({tag}) running: {shlex.join(cmd)}")
+            code, stderr_tail = self._exec(container, cmd, env, f"{uid}:{gid}", log)
+            if code is None or code in (137, 143) or not self._running(container):
+                raise BuildError(f"{self.name}: container {name} was killed mid-build"
+                                 f"{'' if code is None else f' (exit status {code})'}{note}")
+            if code == 2:
+                raise BuildInputError(f"{self.name}: {stderr_tail or 'dirtylog build: input error'}")
+            if code == 130:
+                raise KeyboardInterrupt
+            if code != 0:
+                raise BuildError(f"{self.name}: {shlex.join(cmd[:4])} in the container failed (exit status "
+                                 f"{code}): {stderr_tail or 'no error message'}")
+        except docker.errors.NotFound:
+            raise BuildError(f"{self.name}: container {name} disappeared mid-build (killed or removed)"
+                             f"{note}") from None
+        except docker.errors.APIError as e:
+            raise BuildError(f"{self.name}: {' '.join(str(e.explanation or e).split())}") from None
+        finally:
+            try:  # by name: also when interrupted between its creation and run() returning
+                (container or self.client.containers.get(name)).remove(force=True)
+            except docker.errors.APIError:  # NotFound included: never created, or already gone
+                pass
+
+    def build_qemu(self, version: str, cache_dir: Path | None = None, mirror: str | None = None,
+                   offline: bool = False, log=lambda msg: None) -> None:
+        """Build the patched QEMU inside the container into the shared cache. The pinned sources
+        are fetched on the host first (containers may not reach PyPI for the meson wheel), so the
+        container builds offline; the host then finds the build in the cache by its key."""
+        from builder.cache import Cache, default_cache_dir
+        from builder.qemu_build import prefetch_sources
+        cache = Path(cache_dir or default_cache_dir()).absolute()
+        cache.mkdir(parents=True, exist_ok=True)
+        prefetch_sources(version, Cache(cache), mirror=mirror, offline=offline, log=log)
+        tag, _ = self.ensure_image(log=log)
+        self._run_in_container(tag, ["python3", "-m", "builder.qemu_build", "--version", version, "--offline",
+                                     "--cache-dir", "/cache"], cache, {}, log)
 
     def _running(self, container) -> bool:
         container.reload()

@@ -171,11 +171,15 @@ def _build(console, out, offline, mirror, cache_dir, arch, runtime, engine="debi
     return manifest
 
 
-def _build_patched_qemu(console, out, version, mirror, cache_dir, offline) -> str:
+def _build_patched_qemu(console, out, version, mirror, cache_dir, offline, runtime="host") -> str:
     """Build (or reuse) QEMU with -savedirtylog and record it in the artifacts' manifest."""
     from builder.cache import Cache
     from builder.qemu_build import build_patched_qemu
+    from builder.runtime import get_runtime
     console.step(f"building (or reusing) QEMU {version} with -savedirtylog")
+    rt = get_runtime(runtime, log=console.detail)
+    if hasattr(rt, "build_qemu"):  # a container builds it into the shared cache; the host reuses it
+        rt.build_qemu(version, cache_dir=cache_dir, mirror=mirror, offline=offline, log=console.step)
     qb = build_patched_qemu(version, Cache(cache_dir), mirror=mirror, offline=offline, log=console.step,
                             progress=sys.stderr.isatty())
     manifest_path = out / "manifest.json"
@@ -206,7 +210,7 @@ def build(console, out, offline, mirror, cache_dir, arch, runtime, engine, build
     """
     _build(console, out, offline, mirror, cache_dir, arch, runtime, engine, buildroot_dir, dl_dir, toolchain)
     if qemu_kind == "patched":
-        _build_patched_qemu(console, out, qemu_version, mirror, cache_dir, offline)
+        _build_patched_qemu(console, out, qemu_version, mirror, cache_dir, offline, runtime)
     click.echo(str(out / "manifest.json"))
 
 
@@ -417,7 +421,7 @@ def make_and_verify(console, out, offline, mirror, cache_dir, arch, runtime, eng
     _build(console, out, offline, mirror, cache_dir, arch, runtime, engine, buildroot_dir, dl_dir, toolchain)
     choice = kw["qemu"] or ("patched" if arch == "armv7" else "stock")
     if choice == "patched":
-        kw["qemu"] = _build_patched_qemu(console, out, qemu_version, mirror, cache_dir, offline)
+        kw["qemu"] = _build_patched_qemu(console, out, qemu_version, mirror, cache_dir, offline, runtime)
     elif choice == "stock":
         kw["qemu"] = None
     _verify(console, out, **kw)

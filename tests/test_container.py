@@ -196,3 +196,22 @@ def test_container_is_removed_on_keyboard_interrupt(warm_image, engine, tmp_path
         time.sleep(0.2)
     assert engine.containers.list(all=True, filters={"label": "dirtylog.build"}) == []
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.qemu_build
+def test_patched_qemu_builds_in_the_container(warm_image, tmp_path):
+    """`build --runtime docker --qemu patched` compiles QEMU inside the container (empty cache:
+    nothing to reuse) and the host runs the result from the shared cache."""
+    import subprocess
+    import sys
+    cache = tmp_path / "cache"
+    res = subprocess.run([sys.executable, "-m", "dirtylog.cli", "build", "--runtime", "docker", "--qemu", "patched",
+                          "--cache-dir", str(cache), "--out", str(tmp_path / "art")],
+                         capture_output=True, text=True, timeout=3000)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "in the container" not in res.stderr  # no failure message
+    assert "docker: | building qemu-system-arm with ninja" in res.stderr
+    qemu = json.loads((tmp_path / "art" / "manifest.json").read_text())["qemu"]
+    assert qemu["path"].startswith(str(cache)) and qemu["patched"] is True
+    helptext = subprocess.run([qemu["path"], "-help"], capture_output=True, text=True).stdout
+    assert "-savedirtylog" in helptext
