@@ -6,6 +6,7 @@ they do not skip: a silently skipped reproducibility check is worse than a red o
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -202,8 +203,6 @@ def test_container_is_removed_on_keyboard_interrupt(warm_image, engine, tmp_path
 def test_patched_qemu_builds_in_the_container(warm_image, tmp_path):
     """`build --runtime docker --qemu patched` compiles QEMU inside the container (empty cache:
     nothing to reuse) and the host runs the result from the shared cache."""
-    import subprocess
-    import sys
     cache = tmp_path / "cache"
     res = subprocess.run([sys.executable, "-m", "dirtylog.cli", "build", "--runtime", "docker", "--qemu", "patched",
                           "--cache-dir", str(cache), "--out", str(tmp_path / "art")],
