@@ -1,0 +1,340 @@
+"""Two hosts on one machine (issue #7): network namespaces, sshd, migrations across them.
+
+The module fixture runs `scripts/two-hosts.sh up` (namespaces dlt-src/dlt-dst, control networks
+10.241.{1,2}.0/30, migration network 10.242.0.0/30) and `down` at the end. Needs root, iproute2,
+openssh-server and openssh-client, qemu-system-arm.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from verifier.artifacts import load_artifacts
+from verifier.errors import InputError, MigrationError, QemuError, VerifyError
+from verifier.qemu import MACHINES
+from verifier.remote import (HostAuthError, HostKeyError, HostUnreachable, RemoteImage, SshHost,
+                             SshOptions, TwoHosts, compare_remote_images, make_host, prepare_hosts,
+                             run_two_host_trial)
+from verifier.report import TrialResult
+from verifier.run import Reporter, VerifyOptions, _accel_spec
+from verifier.workload import Workload
+
+pytestmark = pytest.mark.two_hosts
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "scripts" / "two-hosts.sh"
+ENV = {**os.environ, "DL_NS_PREFIX": "dlt", "DL_CTL_NET": "10.241", "DL_MIG_NET": "10.242.0"}
+SRC, DST, DST_MIG = "root@10.241.1.2", "root@10.241.2.2", "10.242.0.2"
+STATE_BASE = Path("/var/lib/dirtylog")  # not below a 1777 directory: sshd's StrictModes
+
+
+def _missing() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root"
+    for tool in ("ip", "ssh", "ssh-keygen", "qemu-system-arm"):
+        if not shutil.which(tool):
+            return f"{tool} not installed"
+    if not os.path.exists("/usr/sbin/sshd"):
+        return "openssh-server not installed"
+    return None
+
+
+@pytest.fixture(scope="module")
+def state():
+    why = _missing()
+    if why:
+        pytest.skip(why)
+    STATE_BASE.mkdir(parents=True, exist_ok=True)
+    d = Path(tempfile.mkdtemp(prefix="two-hosts-", dir=STATE_BASE))
+    res = subprocess.run([SCRIPT, "up", d], env=ENV, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    try:
+        yield d
+    finally:
+        res = subprocess.run([SCRIPT, "down", d], env=ENV, capture_output=True, text=True, timeout=120)
+        shutil.rmtree(d, ignore_errors=True)
+        assert res.returncode == 0, res.stderr
+        assert "dlt-src" not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+
+
+def _opts(state: Path, **kw) -> SshOptions:
+    return SshOptions(identity=str(state / "ssh" / "id_ed25519"),
+                      known_hosts=str(state / "ssh" / "known_hosts"), **kw)
+
+
+@pytest.fixture
+def hosts(state, tmp_path):
+    base = f"/var/tmp/dirtylog-test-{tmp_path.name}"
+    h = TwoHosts(SshHost(SRC, _opts(state), base_dir=f"{base}/src"),
+                 SshHost(DST, _opts(state), base_dir=f"{base}/dst"), DST_MIG)
+    yield h
+    left = h.src.qemu_pids(base) + h.dst.qemu_pids(base)
+    for host in (h.src, h.dst):
+        host.run(["rm", "-rf", host.base_dir], check=False)
+    assert not left, f"QEMU processes left behind: {left}"
+
+
+class StepReporter(Reporter):
+    def __init__(self, on_sample=None):
+        self.steps, self.on_sample = [], on_sample
+
+    def step(self, msg):
+        self.steps.append(msg)
+
+    def migration(self, info):
+        if self.on_sample:
+            self.on_sample(info)
+
+
+def _trial(tmp_path, artifacts, hosts, reporter, **opt):
+    art = load_artifacts(artifacts)
+    opts = VerifyOptions(machine="virt", smp=1, min_passes=1, capture="pmemsave", mem_mb=128, **opt)
+    opts.check(art)
+    machine = MACHINES["virt"]
+    trial = TrialResult(index=1, directory=tmp_path / "run" / "trial-01")
+    run_two_host_trial(trial, art, opts, hosts, machine, _accel_spec(opts, machine), reporter)
+    return trial
+
+
+def _link(state_unused, up: bool):
+    subprocess.run(["ip", "-n", "dlt-src", "link", "set", "mig0", "up" if up else "down"], check=True)
+
+
+# -- setup -----------------------------------------------------------------------------------
+
+def test_up_is_idempotent_and_sets_tcp_retries(state):
+    res = subprocess.run([SCRIPT, "up", state], env=ENV, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    host = SshHost(DST, _opts(state))
+    out = host.sh("sysctl -n net.ipv4.tcp_retries2; ip -br addr show mig0").stdout.decode()
+    assert out.split()[0] == "5" and "10.242.0.2/30" in out
+
+
+def test_state_dir_under_sticky_tmp_is_refused(tmp_path):
+    if _missing():
+        pytest.skip(_missing())
+    env = {**ENV, "DL_NS_PREFIX": "dlx"}
+    res = subprocess.run([SCRIPT, "up", tmp_path / "s"], env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "StrictModes" in res.stderr
+    assert "dlx-src" not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+
+
+# -- hosts and copies ------------------------------------------------------------------------
+
+def test_put_verifies_and_skips_when_present(hosts, tmp_path):
+    f = tmp_path / "blob"
+    f.write_bytes(os.urandom(300_000))
+    remote = f"{hosts.dst.base_dir}/blob"
+    assert hosts.dst.put(f, remote) == 300_000
+    assert hosts.dst.put(f, remote) == 0
+    assert hosts.dst.sh(f"sha256sum {remote}").stdout.split()[0].decode() == \
+        subprocess.run(["sha256sum", f], capture_output=True, text=True).stdout.split()[0]
+
+
+def test_remote_compare_fetches_only_differing_pages(hosts, tmp_path):
+    size = 4 << 20
+    a = bytearray(os.urandom(size))
+    b = bytearray(a)
+    for p in (3, 4, 700):
+        b[p * 4096 + 17] ^= 0xFF
+    (tmp_path / "a").write_bytes(a)
+    (tmp_path / "b").write_bytes(b)
+    hosts.src.put(tmp_path / "a", f"{hosts.src.base_dir}/a.img")
+    hosts.dst.put(tmp_path / "b", f"{hosts.dst.base_dir}/b.img")
+    res, fig = compare_remote_images(RemoteImage(hosts.src, f"{hosts.src.base_dir}/a.img"),
+                                     RemoteImage(hosts.dst, f"{hosts.dst.base_dir}/b.img"), size, tmp_path)
+    assert list(res.diff_pages) == [3, 4, 700]
+    assert fig["page_bytes"] == 2 * 3 * 4096
+    assert fig["bytes_moved"] < size // 10
+    local = (tmp_path / "ram-dst.img").read_bytes()
+    assert local[700 * 4096:701 * 4096] == bytes(b[700 * 4096:701 * 4096])
+
+
+# -- refusals --------------------------------------------------------------------------------
+
+def test_unknown_host_key_is_refused(state, tmp_path):
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    host = SshHost(DST, SshOptions(identity=str(state / "ssh" / "id_ed25519"), known_hosts=str(empty)))
+    with pytest.raises(HostKeyError) as exc:
+        host.check()
+    assert exc.value.exit_code == 2 and "host key" in str(exc.value)
+    # the source's key under the destination's address: a changed key, refused as well
+    src_key = (state / "ssh" / "known_hosts").read_text().splitlines()[0].split(" ", 1)[1]
+    empty.write_text(f"10.241.2.2 {src_key}\n")
+    with pytest.raises(HostKeyError):
+        host.check()
+    assert "10.241.2.2" not in (Path.home() / ".ssh" / "known_hosts").read_text() \
+        if (Path.home() / ".ssh" / "known_hosts").exists() else True
+
+
+def test_auth_failure(state, tmp_path):
+    key = tmp_path / "other"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key], check=True)
+    host = SshHost(DST, SshOptions(identity=str(key), known_hosts=str(state / "ssh" / "known_hosts")))
+    with pytest.raises(HostAuthError) as exc:
+        host.check()
+    assert exc.value.exit_code == 2
+
+
+def test_unreachable_host_is_a_bounded_infrastructure_error(state):
+    t0 = time.monotonic()
+    with pytest.raises(HostUnreachable) as exc:
+        make_host(f"{DST}:2", _opts(state)).check()
+    assert exc.value.exit_code == 3 and "refused" in str(exc.value)
+    assert time.monotonic() - t0 < 30
+
+
+def test_missing_qemu_on_the_remote(state, hosts):
+    hosts.qemu = "qemu-system-nosuch"
+    with pytest.raises(InputError) as exc:
+        prepare_hosts(hosts)
+    assert exc.value.exit_code == 2 and "qemu-system-nosuch" in str(exc.value)
+
+
+# -- migrations ------------------------------------------------------------------------------
+
+_QEMU_VERSION = (subprocess.run(["qemu-system-arm", "--version"], capture_output=True, text=True).stdout
+                 if shutil.which("qemu-system-arm") else "")
+
+
+def _known_72_loss(trial) -> bool:
+    """Debian's QEMU 7.2 loses dirty pages on multi-pass migrations (a known finding)."""
+    return (trial.verdict == "fail" and "version 7.2." in _QEMU_VERSION
+            and (trial.migration.get("dirty_sync_count") or 0) > 2)
+
+
+def test_migration_across_namespaces_passes(hosts, artifacts, tmp_path):
+    # A light workload keeps the migration to one or two passes (see _known_72_loss).
+    trial = _trial(tmp_path, artifacts, hosts, StepReporter(), workloads=(Workload(256, 16, 100),))
+    if _known_72_loss(trial):
+        pytest.xfail(f"QEMU 7.2 lost dirty pages after {trial.migration['dirty_sync_count']} passes")
+    assert trial.verdict == "pass", (trial.compare, trial.resume)
+    assert trial.resume["ok"]
+    assert trial.compare["hosts"]["migration_uri"].startswith("tcp:10.242.0.2:")
+    t = trial.compare["transfer"]
+    assert t["page_bytes"] == 0 and t["bytes_moved"] < t["image_bytes"] // 50
+    assert trial.migration["status"] == "completed"
+    print(f"pass: {trial.timings}, moved {t['bytes_moved']} bytes of {t['image_bytes']}")
+
+
+def test_link_cut_mid_migration_fails_fast_and_leaves_no_qemu(state, hosts, artifacts, tmp_path):
+    cut = {}
+
+    def on_sample(info):
+        if not cut and info.get("status") == "active" and (info.get("ram") or {}).get("transferred", 0) > 1 << 20:
+            _link(state, up=False)
+            cut["t"] = time.monotonic()
+
+    try:
+        with pytest.raises(VerifyError) as exc:
+            _trial(tmp_path, artifacts, hosts, StepReporter(on_sample), max_bandwidth=1 << 20,
+                   workloads=(Workload(64, 1, 1000),))
+        elapsed = time.monotonic() - cut["t"]
+    finally:
+        _link(state, up=True)
+    print(f"link cut: error after {elapsed:.1f} s: {exc.value}")
+    assert isinstance(exc.value, (MigrationError, QemuError)) and exc.value.exit_code == 3
+    assert "\n" not in str(exc.value)
+    assert elapsed < 60, elapsed
+    # the hosts fixture asserts that no QEMU is left on either side
+
+
+def test_short_link_cut_is_survived(state, hosts, artifacts, tmp_path):
+    cut = {}
+
+    def on_sample(info):
+        if not cut and info.get("status") == "active" and (info.get("ram") or {}).get("transferred", 0) > 1 << 20:
+            _link(state, up=False)
+            cut["t"] = time.monotonic()
+            threading.Timer(5.0, _link, (state, True)).start()
+
+    try:
+        trial = _trial(tmp_path, artifacts, hosts, StepReporter(on_sample), max_bandwidth=2 << 20,
+                       workloads=(Workload(64, 1, 1000),))
+    finally:
+        time.sleep(5.5 - min(5.5, time.monotonic() - cut.get("t", 0)))
+        _link(state, up=True)
+    assert cut, "the migration ended before the link could be cut"
+    print(f"short cut: {trial.verdict}, migration {trial.migration['total_time_ms']} ms, "
+          f"{trial.compare['diff_count']} differing pages, moved {trial.compare['transfer']['bytes_moved']} bytes")
+    assert trial.migration["status"] == "completed"
+    # Debian's QEMU 7.2 may lose dirty pages on a multi-pass migration (a known finding), so
+    # the verdict is not asserted here; the comparison itself must have run.
+    assert trial.verdict in ("pass", "fail") and trial.resume["ok"]
+
+
+def test_watchdog_ends_remote_qemu_when_ssh_dies(hosts, artifacts, tmp_path):
+    from verifier.remote import RemoteQemu, short_socket_dir
+    binaries = prepare_hosts(hosts)
+    art = load_artifacts(artifacts)
+    kernel, _ = hosts.dst.put_cached(art.kernel)
+    rdir = f"{hosts.dst.base_dir}/runs/watchdog"
+    q = RemoteQemu(hosts.dst, binaries["dst"], ["-M", "virt", "-m", "64M", "-kernel", kernel, "-S",
+                                                "-display", "none", "-nodefaults"],
+                   tmp_path, rdir, "dst", short_socket_dir())
+    q.start()
+    try:
+        assert q.status() == "prelaunch" or q.status() == "paused"
+        assert hosts.dst.qemu_pids(rdir) == [q.remote_pid]
+        q.proc.kill()  # the controlling ssh goes away without a word
+        deadline = time.monotonic() + 15
+        while hosts.dst.qemu_pids(rdir) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert hosts.dst.qemu_pids(rdir) == []
+    finally:
+        q.close()
+
+
+def test_remote_qemu_killed_is_a_qemu_error(state, hosts, artifacts, tmp_path):
+    def on_sample(info):
+        if (info.get("ram") or {}).get("transferred", 0) > 1 << 20:
+            for pid in hosts.src.qemu_pids(hosts.src.base_dir):
+                hosts.src.run(["kill", "-9", str(pid)], check=False)
+
+    t0 = time.monotonic()
+    with pytest.raises((QemuError, MigrationError)) as exc:
+        _trial(tmp_path, artifacts, hosts, StepReporter(on_sample), max_bandwidth=1 << 20,
+               workloads=(Workload(64, 1, 1000),))
+    print(f"remote QEMU killed: {type(exc.value).__name__}: {exc.value}")
+    assert exc.value.exit_code == 3 and time.monotonic() - t0 < 120
+
+
+def _cli_has_remote_options() -> bool:
+    from conftest import run_dirtylog
+    return "--src-host" in run_dirtylog("verify", "--help").stdout
+
+
+def test_cli_verify_across_hosts(state, artifacts, tmp_path):
+    """dirtylog verify --src-host/--dst-host (runs once the CLI has the options)."""
+    from conftest import run_dirtylog
+    if not _cli_has_remote_options():
+        pytest.skip("dirtylog verify has no --src-host yet")
+    base = f"/var/tmp/dirtylog-test-cli-{tmp_path.name}"
+    common = ["verify", "--artifacts", artifacts, "--machine", "virt", "--smp", "1", "--min-passes", "1",
+              "--capture", "pmemsave", "--mem", "128", "--workload", "256:16:100", "--src-host", SRC,
+              "--dst-host", DST, "--migration-address", DST_MIG, "--ssh-identity",
+              state / "ssh" / "id_ed25519", "--remote-dir", base]
+    try:
+        res = run_dirtylog(*common, "--known-hosts", state / "ssh" / "known_hosts",
+                           "--run-dir", tmp_path / "run", timeout=600)
+        assert res.returncode in (0, 1), res.stderr
+        if res.returncode == 1:
+            assert "dirty syncs" in res.stdout
+        else:
+            assert "PASS" in res.stdout
+        empty = tmp_path / "empty"
+        empty.write_text("")
+        res = run_dirtylog(*common, "--known-hosts", empty, "--run-dir", tmp_path / "run2", timeout=120)
+        assert res.returncode == 2
+        assert res.stderr.strip().splitlines()[-1].startswith("dirtylog: error: ") and "host key" in res.stderr
+    finally:
+        SshHost(DST, _opts(state)).run(["rm", "-rf", base], check=False)

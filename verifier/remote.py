@@ -1,0 +1,722 @@
+"""Source and destination on two hosts (issue #7): hosts, remote QEMUs, remote capture digests.
+
+Design:
+- A `Host` runs commands and copies files. `LocalHost` is this machine; `SshHost` uses the
+  OpenSSH client with BatchMode, StrictHostKeyChecking=yes and a known_hosts file of our own:
+  an unknown or changed host key is refused, never accepted.
+- A remote QEMU runs under `remote_agent.py qemu` (copied to the host, run by its python3) in a
+  run directory on that host. Its QMP monitor and serial console are unix sockets in that
+  directory, forwarded to local unix sockets by the same ssh process that started it
+  (`ssh -L local.sock:remote.sock`); no monitor listens on a network port. The agent reads its
+  stdin from that ssh session and kills QEMU on EOF, so QEMU dies when the controller, the ssh
+  process or the session goes away. `RemoteQemu` is a `QemuProcess`, so `run_migration` and
+  `_check_destination_runs` drive it unchanged.
+- Capture is `pmemsave` into each host's run directory. Each host digests its image page by page
+  (`remote_agent.py digest`); only the pages whose digests differ are fetched (from both sides)
+  into local sparse images at their offsets, so `verifier.diagnosis.analyse` and the report work
+  on them. The bytes moved are counted.
+- Failures are one-line typed errors: host key and authentication problems and a missing QEMU
+  or python3 on a host are input errors (exit 2); an unreachable host, a lost link, a killed
+  remote QEMU are infrastructure failures (exit 3).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import re
+import secrets
+import shlex
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from array import array
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qemu.qmp import QMPClient
+from qemu.qmp.error import QMPError
+
+from .compare import DEFAULT_PAGE_SIZE, CompareResult
+from .errors import InputError, QemuError, VerifyError
+from .qemu import QemuBinary, QemuProcess, SerialConsole, _shell_quote
+
+AGENT_SOURCE = Path(__file__).with_name("remote_agent.py")
+DEFAULT_REMOTE_BASE = "/var/tmp/dirtylog-remote"
+SSH_CONNECT_TIMEOUT_S = 10
+COMMAND_TIMEOUT_S = 60.0
+
+
+class HostUnreachable(VerifyError):
+    """The host does not answer (no route, refused, timeout): exit 3."""
+
+
+class HostKeyError(InputError):
+    """The host's key is not in the known_hosts file, or differs from it: exit 2."""
+
+
+class HostAuthError(InputError):
+    """The host refused our key: exit 2."""
+
+
+class RemoteCommandError(VerifyError):
+    """A command on the host failed: exit 3."""
+
+
+def _classify_ssh_failure(host: str, stderr: str, what: str) -> VerifyError:
+    """ssh exits 255 for its own failures; turn its message into one typed line."""
+    text = " ".join(stderr.split())
+    if re.search(r"Host key verification failed|No \S+ host key is known|HOST IDENTIFICATION HAS CHANGED"
+                 r"|host key for .* has changed", text):
+        return HostKeyError(f"{host}: host key unknown or changed (not in the known_hosts file); "
+                            f"refusing to connect ({what})")
+    if "Permission denied" in text or "Too many authentication failures" in text:
+        return HostAuthError(f"{host}: authentication failed (the host refused the key) ({what})")
+    if re.search(r"Could not resolve hostname", text):
+        return HostUnreachable(f"{host}: cannot resolve the host name ({what})")
+    m = re.search(r"(Connection refused|No route to host|Connection timed out|Network is unreachable"
+                  r"|Operation timed out|Connection reset|Connection closed|Broken pipe|timed out)", text)
+    if m:
+        return HostUnreachable(f"{host}: unreachable: {m.group(1).lower()} ({what})")
+    tail = text[-300:] if text else "no message"
+    return HostUnreachable(f"{host}: ssh failed ({what}): {tail}")
+
+
+class Host:
+    """Somewhere QEMU runs. Paths given to a host are paths on that host."""
+
+    name = "host"
+    base_dir: str = DEFAULT_REMOTE_BASE
+    python = "python3"
+    bytes_uploaded = 0
+
+    # -- to implement ------------------------------------------------------------------------
+    def _argv(self, remote_argv: list[str], forwards: list[tuple[str, str]] = ()) -> list[str]:
+        raise NotImplementedError
+
+    def forwarded(self, remote_path: str, local_path: str) -> str:
+        """The local path through which `remote_path` (a unix socket) is reached."""
+        raise NotImplementedError
+
+    # -- common ------------------------------------------------------------------------------
+    def run(self, argv: list[str], input: bytes | None = None, timeout: float = COMMAND_TIMEOUT_S,
+            check: bool = True, what: str | None = None) -> subprocess.CompletedProcess:
+        """Run argv on the host; stdout/stderr as bytes. check: a non-zero status raises."""
+        what = what or " ".join(argv[:3])
+        try:
+            res = subprocess.run(self._argv(argv), input=input, capture_output=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise HostUnreachable(f"{self.name}: no answer within {timeout:.0f} s ({what})") from None
+        except OSError as exc:
+            raise InputError(f"cannot run ssh: {exc}") from None
+        if res.returncode == 255 and self.is_ssh:
+            raise _classify_ssh_failure(self.name, res.stderr.decode(errors="replace"), what)
+        if check and res.returncode != 0:
+            err = " ".join(res.stderr.decode(errors="replace").split())[-300:]
+            raise RemoteCommandError(f"{self.name}: {what} failed with status {res.returncode}: {err}")
+        return res
+
+    is_ssh = False
+
+    def sh(self, script: str, **kw) -> subprocess.CompletedProcess:
+        return self.run(["sh", "-c", script], **kw)
+
+    def check(self) -> str:
+        """Reach the host and find its python3; returns `uname -m`. Typed errors otherwise."""
+        res = self.sh(f"command -v {self.python} >/dev/null || {{ echo nopython; exit 0; }}; uname -m",
+                      what="connect", timeout=SSH_CONNECT_TIMEOUT_S + 20)
+        out = res.stdout.decode().strip()
+        if out == "nopython":
+            raise InputError(f"{self.name}: no {self.python} on the host (dirtylog's remote agent needs it)")
+        return out
+
+    def probe_qemu(self, name: str) -> QemuBinary:
+        """Like verifier.qemu.probe_qemu, on the host."""
+        from .qemu import MIN_QEMU_VERSION
+        res = self.sh(f"p=$(command -v {shlex.quote(name)}) || exit 127; echo \"$p\"; \"$p\" --version",
+                      check=False, what=f"{name} --version")
+        if res.returncode == 127:
+            raise InputError(f"{self.name}: QEMU binary not found: {name} (install qemu-system-arm there)")
+        lines = res.stdout.decode(errors="replace").splitlines()
+        path, first = (lines + ["", ""])[:2]
+        m = re.search(r"QEMU emulator version (\d+)\.(\d+)(?:\.(\d+))?", first)
+        if res.returncode != 0 or not m:
+            raise InputError(f"{self.name}: {name} does not look like a QEMU system emulator ({first!r})")
+        version = (int(m.group(1)), int(m.group(2)), int(m.group(3) or 0))
+        if version[:2] < MIN_QEMU_VERSION:
+            raise InputError(f"{self.name}: {path} is QEMU {'.'.join(map(str, version))}; dirtylog needs "
+                             f"{'.'.join(map(str, MIN_QEMU_VERSION))} or newer")
+        return QemuBinary(path=path, version=version, version_text=first.strip())
+
+    def put(self, local: Path, remote_path: str) -> int:
+        """Copy a file; verified by sha256 on arrival; skipped when it is already there.
+        Returns the bytes sent (0 when skipped)."""
+        data_sha = _sha256(local)
+        q = shlex.quote(remote_path)
+        res = self.sh(f"sha256sum {q} 2>/dev/null || true", what=f"sha256sum {remote_path}")
+        if res.stdout.decode().split()[:1] == [data_sha]:
+            return 0
+        tmp = shlex.quote(f"{remote_path}.part-{secrets.token_hex(4)}")
+        size = local.stat().st_size
+        with open(local, "rb") as f:
+            res = self.sh(f"mkdir -p $(dirname {q}) && cat > {tmp} && sha256sum {tmp}",
+                          input=f.read(), timeout=COMMAND_TIMEOUT_S + size / 1e6, what=f"copy {local.name}")
+        got = res.stdout.decode().split()[:1]
+        if got != [data_sha]:
+            self.sh(f"rm -f {tmp}", check=False)
+            raise RemoteCommandError(f"{self.name}: {local.name} arrived damaged "
+                                     f"(sha256 {got[0] if got else '?'} instead of {data_sha})")
+        self.sh(f"mv -f {tmp} {q}", what=f"install {remote_path}")
+        self.bytes_uploaded += size
+        return size
+
+    def put_cached(self, local: Path) -> tuple[str, int]:
+        """Copy into the host's content-addressed file cache; returns (remote path, bytes sent)."""
+        digest = _sha256(local)
+        remote = f"{self.base_dir}/files/{digest[:16]}-{local.name}"
+        return remote, self.put(local, remote)
+
+    def agent_path(self) -> str:
+        if getattr(self, "_agent", None) is None:
+            self._agent, _ = self.put_cached(AGENT_SOURCE)
+        return self._agent
+
+    def agent(self, *args: str, input: bytes | None = None, timeout: float = COMMAND_TIMEOUT_S,
+              check: bool = True) -> subprocess.CompletedProcess:
+        return self.run([self.python, self.agent_path(), *args], input=input, timeout=timeout, check=check,
+                        what=f"remote_agent.py {args[0]}")
+
+    def popen_agent(self, args: list[str], forwards: list[tuple[str, str]], stderr) -> subprocess.Popen:
+        argv = self._argv([self.python, "-u", self.agent_path(), *args], forwards)
+        return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr)
+
+    def qemu_pids(self, directory: str) -> list[int]:
+        res = self.agent("qemu-pids", directory)
+        return [int(p) for p in res.stdout.split()]
+
+
+class LocalHost(Host):
+    """This machine; run directories are local paths and the sockets need no forwarding."""
+
+    name = "localhost"
+
+    def __init__(self, base_dir: str = DEFAULT_REMOTE_BASE, python: str = "python3"):
+        self.base_dir = base_dir
+        self.python = python
+
+    def _argv(self, remote_argv, forwards=()):
+        return list(remote_argv)
+
+    def forwarded(self, remote_path, local_path):
+        return remote_path
+
+
+@dataclass
+class SshOptions:
+    identity: str | None = None
+    known_hosts: str | None = None  # default: ssh's own (~/.ssh/known_hosts)
+    port: int | None = None
+    extra: list[str] = field(default_factory=list)  # more -o options
+
+
+class SshHost(Host):
+    """A host reached with the OpenSSH client; never accepts an unknown host key."""
+
+    is_ssh = True
+
+    def __init__(self, target: str, ssh: SshOptions | None = None, base_dir: str = DEFAULT_REMOTE_BASE,
+                 python: str = "python3"):
+        self.target = target
+        self.name = target
+        self.ssh = ssh or SshOptions()
+        self.base_dir = base_dir
+        self.python = python
+        self._agent = None
+
+    def ssh_base(self) -> list[str]:
+        o = self.ssh
+        argv = ["ssh", "-F", "/dev/null", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
+                "-o", f"ConnectTimeout={SSH_CONNECT_TIMEOUT_S}", "-o", "ServerAliveInterval=5",
+                "-o", "ServerAliveCountMax=3", "-o", "ExitOnForwardFailure=yes",
+                "-o", "StreamLocalBindUnlink=yes", "-o", "LogLevel=ERROR"]
+        if o.known_hosts:
+            argv += ["-o", f"UserKnownHostsFile={o.known_hosts}", "-o", "GlobalKnownHostsFile=/dev/null"]
+        if o.identity:
+            argv += ["-o", "IdentitiesOnly=yes", "-i", o.identity]
+        if o.port:
+            argv += ["-p", str(o.port)]
+        for opt in o.extra:
+            argv += ["-o", opt]
+        return argv
+
+    def _argv(self, remote_argv, forwards=()):
+        argv = self.ssh_base()
+        for local, remote in forwards:
+            argv += ["-L", f"{local}:{remote}"]
+        return argv + [self.target, "--", " ".join(shlex.quote(a) for a in remote_argv)]
+
+    def forwarded(self, remote_path, local_path):
+        return local_path
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# -- remote QEMU ---------------------------------------------------------------------------------
+
+class RemoteQemu(QemuProcess):
+    """A QEMU on a `Host`, driven exactly like a local `QemuProcess`.
+
+    `workdir` is local (logs, command line, forwarded sockets live there or in `sock_dir`);
+    `remote_dir` is the QEMU's working directory on the host. A QEMU that would start running at
+    once is started paused (-S) and continued once the serial console is connected, so no
+    console output is lost.
+    """
+
+    def __init__(self, host: Host, binary: QemuBinary, args: list[str], workdir: Path, remote_dir: str,
+                 name: str, sock_dir: Path, on_qmp=None, start_timeout: float = 60.0):
+        super().__init__(binary, args, workdir, name, on_qmp=on_qmp)
+        self.host = host
+        self.remote_dir = remote_dir
+        self.sock_dir = sock_dir
+        self.start_timeout = start_timeout
+        self.remote_pid: int | None = None
+        self.exit_status: int | None = None
+        self._lines: list[str] = []
+        self._cond = threading.Condition()
+        self._err_file = None
+
+    def start(self) -> None:
+        rqmp, rser = f"{self.remote_dir}/qmp.sock", f"{self.remote_dir}/serial.sock"
+        lqmp, lser = str(self.sock_dir / f"{self.name}-qmp.sock"), str(self.sock_dir / f"{self.name}-serial.sock")
+        args = list(self.args)
+        resume = "-S" not in args and "-incoming" not in args
+        if resume:
+            args.append("-S")
+        self.cmdline = [self.binary.path, *args,
+                        "-chardev", f"socket,id=dirtylog-qmp,path={rqmp},server=on,wait=off",
+                        "-mon", "chardev=dirtylog-qmp,mode=control",
+                        "-chardev", f"socket,id=dirtylog-serial,path={rser},server=on,wait=off",
+                        "-serial", "chardev:dirtylog-serial"]
+        (self.workdir / f"cmdline-{self.name}.txt").write_text(
+            f"# on {self.host.name} in {self.remote_dir}\n" + " ".join(_shell_quote(a) for a in self.cmdline) + "\n")
+        self._qmp_log = open(self.workdir / f"qmp-{self.name}.log", "w")
+        self._err_file = open(self.workdir / f"ssh-{self.name}.log", "wb")
+        forwards = [] if isinstance(self.host, LocalHost) else [(lqmp, rqmp), (lser, rser)]
+        for p in (lqmp, lser):
+            Path(p).unlink(missing_ok=True)
+        try:
+            self.proc = self.host.popen_agent(["qemu", "--dir", self.remote_dir, "--", *self.cmdline],
+                                              forwards, stderr=self._err_file)
+        except OSError as exc:
+            raise QemuError(f"{self.name} QEMU on {self.host.name}: cannot start ssh: {exc}") from None
+        threading.Thread(target=self._read_agent, daemon=True).start()
+        if not self._wait_line(lambda l: l == "READY" or l.startswith(("EXIT", "NOEXEC")), self.start_timeout):
+            self._start_failed("did not start within %.0f s" % self.start_timeout)
+        if not any(l == "READY" for l in self._lines):
+            self._start_failed("exited while starting")
+        qmp_path = self.host.forwarded(rqmp, lqmp)
+        ser_path = self.host.forwarded(rser, lser)
+        self.serial = SerialConsole(_connect_unix(ser_path, 15), self.workdir / f"serial-{self.name}.log")
+        self._loop = asyncio.new_event_loop()
+        self._qmp = QMPClient(f"dirtylog-{self.name}")
+        try:
+            self._run(self._qmp.connect(_connect_unix(qmp_path, 15)), timeout=30)
+        except (QMPError, OSError, asyncio.TimeoutError, EOFError) as exc:
+            self._raise_dead(f"QMP handshake over the forwarded socket failed ({type(exc).__name__})")
+        if resume:
+            self.qmp("cont")
+
+    def _read_agent(self) -> None:
+        for raw in self.proc.stdout:
+            line = raw.decode(errors="replace").strip()
+            with self._cond:
+                self._lines.append(line)
+                if line.startswith("PID "):
+                    self.remote_pid = int(line.split()[1])
+                if line.startswith("EXIT "):
+                    self.exit_status = int(line.split()[1])
+                self._cond.notify_all()
+        with self._cond:
+            self._lines.append("EOF")
+            self._cond.notify_all()
+
+    def _wait_line(self, pred, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not any(pred(l) for l in self._lines):
+                if "EOF" in self._lines:
+                    return False
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(min(remaining, 0.5))
+            return True
+
+    def _ssh_stderr(self) -> str:
+        try:
+            self._err_file.flush()
+            return (self.workdir / f"ssh-{self.name}.log").read_text(errors="replace")
+        except (OSError, AttributeError, ValueError):
+            return ""
+
+    def _start_failed(self, what: str) -> None:
+        try:
+            rc = self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            rc = None
+        if rc == 255 and isinstance(self.host, SshHost):
+            raise _classify_ssh_failure(self.host.name, self._ssh_stderr(), f"starting the {self.name} QEMU")
+        noexec = [l for l in self._lines if l.startswith("NOEXEC")]
+        if noexec:
+            raise InputError(f"{self.name} QEMU on {self.host.name}: cannot run {self.binary.path}: {noexec[0][7:]}")
+        self._raise_dead(what)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None and self.exit_status is None
+
+    def output_tail(self, lines: int = 8) -> str:
+        try:
+            res = self.host.run(["tail", "-n", str(lines), f"{self.remote_dir}/qemu.log"], timeout=15,
+                                check=False, what="tail qemu.log")
+            text = res.stdout.decode(errors="replace").strip().splitlines()
+        except VerifyError:
+            text = []
+        ssh_err = " ".join(self._ssh_stderr().split())
+        return " | ".join(text[-lines:]) + (f" | ssh: {ssh_err[-200:]}" if ssh_err else "")
+
+    def _raise_dead(self, what: str) -> None:
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                pass
+        if self.exit_status is not None:
+            status = f"exited with {self.exit_status}"
+        elif self.proc is not None and self.proc.poll() is not None:
+            status = f"its ssh session ended ({self.proc.returncode})"
+        else:
+            status = "still running"
+        tail = self.output_tail()
+        raise QemuError(f"{self.name} QEMU on {self.host.name}: {what}; process {status}"
+                        + (f"; it said: {tail}" if tail else "")
+                        + f"; command line in {self.workdir / ('cmdline-' + self.name + '.txt')}")
+
+    def close(self, timeout: float = 10.0) -> None:
+        if self._qmp is not None and self.alive():
+            try:
+                self.qmp("quit", timeout=5)
+            except Exception:  # noqa: BLE001 - ended below whatever QMP said
+                pass
+        if self._qmp is not None and self._loop is not None:
+            try:
+                self._run(self._qmp.disconnect(), timeout=5)
+            except BaseException:  # noqa: BLE001
+                pass
+            self._qmp = None
+        if self.serial is not None:  # ssh waits for forwarded connections before it exits
+            self.serial.close()
+            self.serial = None
+        if self.proc is not None:
+            # EOF on the agent's stdin makes it end QEMU (SIGTERM, SIGKILL after 3 s).
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()  # the session closes; sshd hangs up; the agent ends QEMU
+                self.proc.wait()
+        if self.serial is not None:
+            self.serial.close()
+            self.serial = None
+        if self._loop is not None:
+            self._loop.close()
+            self._loop = None
+        for f in ("_qmp_log", "_err_file"):
+            if getattr(self, f) is not None:
+                getattr(self, f).close()
+                setattr(self, f, None)
+
+    def ram_page_sizes(self, mem_mb: int) -> dict | None:
+        return None  # /proc of another host; not reported for remote QEMUs
+
+
+def _connect_unix(path: str, timeout: float) -> socket.socket:
+    deadline = time.monotonic() + timeout
+    while True:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(path)
+            return s
+        except OSError as exc:
+            s.close()
+            if time.monotonic() > deadline:
+                raise QemuError(f"cannot connect to {path}: {exc.strerror}") from None
+            time.sleep(0.1)
+
+
+def short_socket_dir() -> Path:
+    """Unix socket paths are limited to 107 bytes: forwarded sockets go to a short private dir."""
+    return Path(tempfile.mkdtemp(prefix="dl-", dir="/tmp"))
+
+
+# -- capture and comparison across hosts ---------------------------------------------------------
+
+@dataclass
+class RemoteImage:
+    host: Host
+    path: str  # on the host
+
+
+def remote_digests(img: RemoteImage, size: int, page_size: int = DEFAULT_PAGE_SIZE) -> list[bytes]:
+    pages = -(-size // page_size)
+    res = img.host.agent("digest", img.path, "--page-size", str(page_size), timeout=600)
+    lines = res.stdout.split()
+    if len(lines) != pages:
+        raise RemoteCommandError(f"{img.host.name}: digest of {img.path} has {len(lines)} pages, expected {pages}")
+    return lines
+
+
+def fetch_pages(img: RemoteImage, pages: list[int], local: Path, size: int,
+                page_size: int = DEFAULT_PAGE_SIZE, batch: int = 4096) -> int:
+    """Write the given pages of a remote image into a local sparse file; returns bytes fetched."""
+    moved = 0
+    with open(local, "wb") as f:
+        f.truncate(size)
+        for i in range(0, len(pages), batch):
+            part = pages[i:i + batch]
+            res = img.host.agent("pages", img.path, "--page-size", str(page_size), "-",
+                                 input=" ".join(map(str, part)).encode(), timeout=600)
+            if len(res.stdout) != len(part) * page_size:
+                raise RemoteCommandError(f"{img.host.name}: got {len(res.stdout)} bytes for {len(part)} pages")
+            for j, p in enumerate(part):
+                os.pwrite(f.fileno(), res.stdout[j * page_size:(j + 1) * page_size], p * page_size)
+            moved += len(res.stdout)
+    return moved
+
+
+def compare_remote_images(src: RemoteImage, dst: RemoteImage, size: int, local_dir: Path,
+                          page_size: int = DEFAULT_PAGE_SIZE) -> tuple[CompareResult, dict]:
+    """Digest both images where they are, fetch only differing pages (from both sides) into
+    sparse local images ram-src.img / ram-dst.img, and return a CompareResult on those plus
+    transfer figures. Pages that are equal are zero in the local sparse images."""
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(2) as pool:
+        fs, fd = pool.submit(remote_digests, src, size, page_size), pool.submit(remote_digests, dst, size, page_size)
+        ds, dd = fs.result(), fd.result()
+    diff = array("Q", (i for i, (a, b) in enumerate(zip(ds, dd)) if a != b))
+    digest_bytes = sum(len(x) + 1 for x in ds) + sum(len(x) + 1 for x in dd)
+    local = {"src": local_dir / "ram-src.img", "dst": local_dir / "ram-dst.img"}
+    with ThreadPoolExecutor(2) as pool:
+        fs = pool.submit(fetch_pages, src, list(diff), local["src"], size, page_size)
+        fd = pool.submit(fetch_pages, dst, list(diff), local["dst"], size, page_size)
+        page_bytes = fs.result() + fd.result()
+    result = CompareResult(src=local["src"], dst=local["dst"], image_size=size, page_size=page_size,
+                           page_count=-(-size // page_size), diff_pages=diff, bytes_compared=size,
+                           elapsed=time.perf_counter() - t0)
+    figures = {"method": "remote page digests (blake2b-16)", "digest_bytes": digest_bytes,
+               "page_bytes": page_bytes, "bytes_moved": digest_bytes + page_bytes,
+               "image_bytes": 2 * size, "local_images": "sparse: only the differing pages",
+               "src": f"{src.host.name}:{src.path}", "dst": f"{dst.host.name}:{dst.path}"}
+    return result, figures
+
+
+# -- one trial across two hosts ------------------------------------------------------------------
+
+@dataclass
+class TwoHosts:
+    src: Host
+    dst: Host
+    migration_address: str  # where the destination listens (an address of the dst host)
+    qemu: str = "qemu-system-arm"  # the binary's name on both hosts
+
+
+def make_host(spec: str | None, ssh: SshOptions, base_dir: str = DEFAULT_REMOTE_BASE) -> Host:
+    """'local' or None -> LocalHost; 'user@host[:port]' -> SshHost."""
+    if not spec or spec in ("local", "localhost"):
+        return LocalHost(base_dir=base_dir)
+    m = re.fullmatch(r"([^@:\s]+@)?(\[[^\]]+\]|[^:\s]+)(?::(\d+))?", spec)
+    if not m:
+        raise InputError(f"host {spec!r}: expected user@host[:port] or local")
+    opts = SshOptions(identity=ssh.identity, known_hosts=ssh.known_hosts,
+                      port=int(m.group(3)) if m.group(3) else ssh.port, extra=list(ssh.extra))
+    return SshHost((m.group(1) or "") + m.group(2).strip("[]"), opts, base_dir=base_dir)
+
+
+def remote_requested(opts) -> bool:
+    """Does a VerifyOptions ask for a two-host run (--src-host or --dst-host)?"""
+    return bool(getattr(opts, "src_host", None) or getattr(opts, "dst_host", None))
+
+
+def check_remote_options(opts) -> None:
+    """What a two-host run supports today; everything else is refused with one line (exit 2)."""
+    if opts.capture not in ("auto", "pmemsave"):
+        raise InputError(f"--capture {opts.capture}: runs on --src-host/--dst-host capture with pmemsave only")
+    opts.capture = "pmemsave"
+    if opts.host_backing not in ("auto", "anon", "memfd"):
+        raise InputError(f"--host-backing {opts.host_backing}: runs on --src-host/--dst-host support anon and memfd")
+    if opts.inject:
+        raise InputError("--inject is not supported with --src-host/--dst-host yet")
+    if opts.accel != "tcg":
+        raise InputError("--accel kvm is not supported with --src-host/--dst-host yet (/dev/kvm is checked locally)")
+    if opts.transport == "unix":
+        opts.transport = "tcp"  # two hosts: the migration goes over TCP to --migration-address
+    dst_remote = opts.dst_host not in (None, "", "local", "localhost")
+    if dst_remote and opts.migration_address in ("127.0.0.1", "localhost", "::1"):
+        raise InputError("--dst-host needs --migration-address: the destination host's address on the "
+                         "migration network (its QEMU listens there)")
+    for opt, path in (("--ssh-identity", opts.ssh_identity), ("--known-hosts", opts.known_hosts)):
+        if path and not os.path.isfile(path):
+            raise InputError(f"{opt} {path}: no such file")
+
+
+def hosts_from_options(opts, machine) -> TwoHosts:
+    ssh = SshOptions(identity=str(opts.ssh_identity) if opts.ssh_identity else None,
+                     known_hosts=str(opts.known_hosts) if opts.known_hosts else None)
+    base = getattr(opts, "remote_dir", None) or DEFAULT_REMOTE_BASE
+    return TwoHosts(src=make_host(opts.src_host, ssh, base), dst=make_host(opts.dst_host, ssh, base),
+                    migration_address=opts.migration_address, qemu=opts.qemu or machine.qemu_binary)
+
+
+def prepare_hosts(hosts: TwoHosts) -> dict[str, QemuBinary]:
+    """Reach both hosts (typed errors), find QEMU on each; returns {'src': ..., 'dst': ...}."""
+    out = {}
+    for side, host in (("src", hosts.src), ("dst", hosts.dst)):
+        host.check()
+        out[side] = host.probe_qemu(hosts.qemu)
+        host.agent_path()
+    return out
+
+
+def run_two_host_trial(trial, art, opts, hosts: TwoHosts, machine, accel: tuple[str, str],
+                       reporter, binaries: dict[str, QemuBinary] | None = None) -> None:
+    """verifier.run._run_trial with the source on hosts.src and the destination on hosts.dst.
+
+    Migration: TCP to hosts.migration_address on a port free there. Capture: pmemsave into each
+    host's run directory. Comparison: page digests on each host, differing pages fetched.
+    Fills `trial` like _run_trial does (plus trial.compare['transfer'] and trial.compare['hosts']).
+    """
+    from . import run as _run
+    from .errors import MigrationError
+    from .migration import MigrationPolicy, run_migration
+    from .qemu import GuestConfig, machine_args
+    from .workload import kernel_cmdline_arg
+
+    tdir = trial.directory
+    tdir.mkdir(parents=True, exist_ok=True)
+    t_start = time.monotonic()
+    binaries = binaries or prepare_hosts(hosts)
+    # short: the sockets in it must fit a unix socket path (107 bytes) on the host
+    run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}-t{trial.index:02d}"
+    remote_dirs = {side: f"{h.base_dir}/runs/{run_id}/{side}" for side, h in (("src", hosts.src), ("dst", hosts.dst))}
+    uploaded = {}
+    files = {}
+    for side, host in (("src", hosts.src), ("dst", hosts.dst)):
+        files[side] = {}
+        sent = 0
+        for key, path in (("kernel", art.kernel), ("initrd", art.initrd),
+                          ("dtb", art.dtb if art.dtb and machine.needs_dtb else None)):
+            if path is not None:
+                files[side][key], n = host.put_cached(Path(path).resolve())
+                sent += n
+        uploaded[side] = sent
+    append = " ".join(a for a in (f"console={machine.console}", "panic=1", kernel_cmdline_arg(opts.workloads),
+                                  _run.guest_pages_append(opts), opts.extra_append) if a)
+
+    def args(side: str) -> list[str]:
+        cfg = GuestConfig(machine=machine, kernel=files[side]["kernel"], dtb=files[side].get("dtb"),
+                          initrd=files[side]["initrd"], append=append, mem_mb=opts.mem_mb, smp=opts.smp,
+                          accel=accel[0], cpu=accel[1], host_backing="anon" if opts.host_backing in ("auto", "file")
+                          else opts.host_backing, machine_opts=opts.machine_opts)
+        return machine_args(binaries[side], cfg)
+
+    port = int(hosts.dst.agent("free-port", hosts.migration_address).stdout.decode().strip())
+    uri = f"tcp:{hosts.migration_address}:{port}"
+    policy = MigrationPolicy(max_bandwidth=opts.max_bandwidth, min_passes=opts.min_passes,
+                             timeout_s=opts.migration_timeout_s, capabilities=dict(opts.capabilities),
+                             parameters=dict(opts.parameters), postcopy=opts.postcopy)
+    sock_dir = short_socket_dir()
+    host_info = {"src": hosts.src.name, "dst": hosts.dst.name, "migration_uri": uri,
+                 "remote_dirs": remote_dirs, "bytes_uploaded": uploaded}
+    size = opts.mem_mb * 1024 * 1024
+    try:
+        with RemoteQemu(hosts.dst, binaries["dst"], args("dst") + ["-S", "-incoming", "defer"], tdir,
+                        remote_dirs["dst"], "dst", sock_dir, on_qmp=reporter.detail) as dst, \
+                RemoteQemu(hosts.src, binaries["src"], args("src"), tdir, remote_dirs["src"], "src", sock_dir,
+                           on_qmp=reporter.detail) as src:
+            trial.cmdlines = {"src": src.cmdline, "dst": dst.cmdline}
+            reporter.step(f"trial {trial.index}: booting the source guest on {hosts.src.name}")
+            _run._wait_until_ready(src, art, opts, tdir)
+            trial.timings["boot_s"] = round(time.monotonic() - t_start, 3)
+            time.sleep(opts.settle_s)
+            dst.qmp("migrate-incoming", uri=uri)
+            reporter.step(f"trial {trial.index}: migrating {hosts.src.name} -> {hosts.dst.name} ({uri})")
+            t_mig = time.monotonic()
+            try:
+                result = run_migration(src, dst, uri, policy, tdir / "timeline.jsonl", progress=reporter.migration)
+            except MigrationError as exc:
+                raise MigrationError(f"{exc} ({hosts.src.name} -> {hosts.dst.name} over {uri})") from None
+            trial.timings["migration_s"] = round(time.monotonic() - t_mig, 3)
+            trial.migration = result.figures
+            trial.parameter_changes = result.parameter_changes
+            trial.warnings += result.warnings
+            reporter.step(f"trial {trial.index}: capturing guest RAM (pmemsave on each host)")
+            t_cap = time.monotonic()
+            for proc in (src, dst):
+                proc.qmp("pmemsave", val=machine.ram_base, size=size, filename=f"ram-{proc.name}.img", timeout=300)
+            images = {side: RemoteImage(h, f"{remote_dirs[side]}/ram-{side}.img")
+                      for side, h in (("src", hosts.src), ("dst", hosts.dst))}
+            for side, img in images.items():
+                got = img.host.agent("size", img.path).stdout.decode().strip()
+                if got != str(size):
+                    from .errors import CaptureError
+                    raise CaptureError(f"{side} RAM image {img.host.name}:{img.path} has {got} bytes instead of {size}")
+            trial.timings["capture_s"] = round(time.monotonic() - t_cap, 3)
+            src.close()
+            reporter.step(f"trial {trial.index}: resuming the destination guest on {hosts.dst.name}")
+            trial.resume = _run._check_destination_runs(dst)
+    finally:
+        for p in sock_dir.iterdir():
+            p.unlink(missing_ok=True)
+        sock_dir.rmdir()
+    reporter.step(f"trial {trial.index}: comparing page digests on both hosts")
+    t_cmp = time.monotonic()
+    cmp, transfer = compare_remote_images(images["src"], images["dst"], size, tdir)
+    trial.timings["compare_s"] = round(time.monotonic() - t_cmp, 3)
+    diagnose_remote(trial, cmp, machine.ram_base)
+    trial.compare["transfer"] = transfer
+    trial.compare["hosts"] = host_info
+    trial.images = {side: f"{img.host.name}:{img.path}" for side, img in images.items()}
+    if opts.delete_images and trial.verdict == "pass":
+        for img in images.values():
+            img.host.run(["rm", "-f", img.path], check=False, what="rm image")
+        trial.images_deleted = True
+    trial.timings["total_s"] = round(time.monotonic() - t_start, 3)
+
+
+def diagnose_remote(trial, result: CompareResult, ram_base: int) -> None:
+    """verifier.report.diagnose_trial without the destination-invariant scan, which needs the
+    whole destination image (only differing pages are here)."""
+    from .diagnosis import analyse
+    trial.compare = result.to_dict()
+    trial.compare["ram_base"] = hex(ram_base)
+    analysis = analyse(result, ram_base)
+    analysis.raise_for_capture()
+    trial.compare["diagnosis_counts"] = {k: n for k, n in analysis.counts.items() if n}
+    trial.compare["undiagnosed"] = analysis.undiagnosed
+    trial.differences = [r.to_dict() for r in analysis.ranges]
+    trial.destination_invariant = []
+    trial.compare["destination_invariant"] = "not checked (needs the whole destination image)"
+    resumed = trial.resume.get("ok", True)
+    trial.verdict = "pass" if result.identical and resumed else "fail"
