@@ -338,3 +338,39 @@ def test_cli_verify_across_hosts(state, artifacts, tmp_path):
         assert res.stderr.strip().splitlines()[-1].startswith("dirtylog: error: ") and "host key" in res.stderr
     finally:
         SshHost(DST, _opts(state)).run(["rm", "-rf", base], check=False)
+
+
+def test_remote_qemu_ends_when_the_controller_is_killed(state, hosts, artifacts, tmp_path):
+    """SIGKILL of dirtylog itself: the agent's stdin (a pipe from the controller through ssh)
+    reaches EOF and the agent ends QEMU."""
+    import sys
+    art = load_artifacts(artifacts)
+    kernel, _ = hosts.dst.put_cached(art.kernel)
+    rdir = f"{hosts.dst.base_dir}/runs/controller-killed"
+    code = f"""
+import sys, time
+from pathlib import Path
+from verifier.remote import RemoteQemu, SshHost, SshOptions, prepare_hosts, short_socket_dir
+from verifier.qemu import QemuBinary
+h = SshHost({DST!r}, SshOptions(identity={str(state / 'ssh' / 'id_ed25519')!r},
+            known_hosts={str(state / 'ssh' / 'known_hosts')!r}), base_dir={hosts.dst.base_dir!r})
+b = h.probe_qemu("qemu-system-arm")
+q = RemoteQemu(h, b, ["-M", "virt", "-m", "64M", "-kernel", {kernel!r}, "-S", "-display", "none",
+               "-nodefaults"], Path({str(tmp_path)!r}), {rdir!r}, "dst", short_socket_dir())
+q.start()
+print("STARTED", flush=True)
+time.sleep(600)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert proc.stdout.readline().strip() == "STARTED"
+        assert len(hosts.dst.qemu_pids(rdir)) == 1
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 15
+        while hosts.dst.qemu_pids(rdir) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert hosts.dst.qemu_pids(rdir) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
