@@ -77,8 +77,7 @@ def hosts(state, tmp_path):
                  SshHost(DST, _opts(state), base_dir=f"{base}/dst"), DST_MIG)
     yield h
     left = h.src.qemu_pids(base) + h.dst.qemu_pids(base)
-    for host in (h.src, h.dst):
-        host.run(["rm", "-rf", host.base_dir], check=False)
+    h.src.run(["rm", "-rf", base], check=False)
     assert not left, f"QEMU processes left behind: {left}"
 
 
@@ -278,9 +277,10 @@ def test_watchdog_ends_remote_qemu_when_ssh_dies(hosts, artifacts, tmp_path):
     art = load_artifacts(artifacts)
     kernel, _ = hosts.dst.put_cached(art.kernel)
     rdir = f"{hosts.dst.base_dir}/runs/watchdog"
+    sock_dir = short_socket_dir()
     q = RemoteQemu(hosts.dst, binaries["dst"], ["-M", "virt", "-m", "64M", "-kernel", kernel, "-S",
                                                 "-display", "none", "-nodefaults"],
-                   tmp_path, rdir, "dst", short_socket_dir())
+                   tmp_path, rdir, "dst", sock_dir)
     q.start()
     try:
         assert q.status() == "prelaunch" or q.status() == "paused"
@@ -292,6 +292,7 @@ def test_watchdog_ends_remote_qemu_when_ssh_dies(hosts, artifacts, tmp_path):
         assert hosts.dst.qemu_pids(rdir) == []
     finally:
         q.close()
+        shutil.rmtree(sock_dir, ignore_errors=True)
 
 
 def test_remote_qemu_killed_is_a_qemu_error(state, hosts, artifacts, tmp_path):
@@ -358,12 +359,14 @@ b = h.probe_qemu("qemu-system-arm")
 q = RemoteQemu(h, b, ["-M", "virt", "-m", "64M", "-kernel", {kernel!r}, "-S", "-display", "none",
                "-nodefaults"], Path({str(tmp_path)!r}), {rdir!r}, "dst", short_socket_dir())
 q.start()
-print("STARTED", flush=True)
+print("STARTED", q.sock_dir, flush=True)
 time.sleep(600)
 """
+    started = []
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=REPO)
     try:
-        assert proc.stdout.readline().strip() == "STARTED"
+        started = proc.stdout.readline().split()
+        assert started[:1] == ["STARTED"]
         assert len(hosts.dst.qemu_pids(rdir)) == 1
         proc.kill()
         proc.wait()
@@ -374,3 +377,5 @@ time.sleep(600)
     finally:
         if proc.poll() is None:
             proc.kill()
+        if len(started) > 1 and started[1].startswith("/tmp/dl-"):
+            shutil.rmtree(started[1], ignore_errors=True)

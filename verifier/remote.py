@@ -443,6 +443,8 @@ class RemoteQemu(QemuProcess):
         if self._loop is not None:
             self._loop.close()
             self._loop = None
+        for side in ("qmp", "serial"):  # the forwarded sockets ssh left behind
+            (self.sock_dir / f"{self.name}-{side}.sock").unlink(missing_ok=True)
         for f in ("_qmp_log", "_err_file"):
             if getattr(self, f) is not None:
                 getattr(self, f).close()
