@@ -256,7 +256,18 @@ def verify_options(f):
         click.option("--transport", type=click.Choice(["unix", "tcp"]), default="unix", show_default=True,
                      help="Migration channel between the two local QEMUs."),
         click.option("--migration-address", default="127.0.0.1", show_default=True,
-                     help="Address for --transport tcp."),
+                     help="Address for --transport tcp; with --dst-host, the destination host's address on "
+                          "the migration network (its QEMU listens there)."),
+        click.option("--src-host", metavar="USER@HOST[:PORT]|local",
+                     help="Run the source QEMU on this host over SSH (QMP and serial forwarded as unix "
+                          "sockets; capture with pmemsave there; only differing pages are fetched)."),
+        click.option("--dst-host", metavar="USER@HOST[:PORT]|local",
+                     help="Run the destination QEMU on this host over SSH; needs --migration-address."),
+        click.option("--ssh-identity", type=click.Path(path_type=Path), help="Private key for --src-host/--dst-host."),
+        click.option("--known-hosts", type=click.Path(path_type=Path),
+                     help="known_hosts file for --src-host/--dst-host (unknown host keys are always refused)."),
+        click.option("--remote-dir", default="/var/tmp/dirtylog-remote", show_default=True,
+                     help="Run directories and file cache on --src-host/--dst-host."),
         click.option("--migration-timeout", type=float, default=180.0, show_default=True,
                      help="Seconds before a migration that does not converge is a failure."),
         click.option("--boot-timeout", type=float, default=120.0, show_default=True,
@@ -337,7 +348,8 @@ def _verify(console, artifacts, **kw):
         art = foreign_artifacts(kw["kernel"], kw["dtb"], kw["initrd"], kw["machine"] or "vexpress-a15", base)
     else:
         art = load_artifacts(artifacts)
-    if kw["qemu"] is None and art.manifest.get("qemu", {}).get("path"):
+    remote = any(kw[h] not in (None, "local") for h in ("src_host", "dst_host"))
+    if kw["qemu"] is None and art.manifest.get("qemu", {}).get("path") and not remote:
         kw["qemu"] = art.manifest["qemu"]["path"]  # the QEMU built with the artifacts
         console.step(f"QEMU from the manifest: {kw['qemu']}")
     for note in art.notes:
@@ -352,7 +364,10 @@ def _verify(console, artifacts, **kw):
         parameters=_key_values(kw["parameters"], "--parameter", False), postcopy=kw["postcopy"],
         accel=kw["accel"], tcg_thread=kw["tcg_thread"], kvm_dirty_ring=kw["kvm_dirty_ring"],
         guest_cmds=tuple(kw["guest_cmds"]), ready_pattern=kw["ready_pattern"], seed=kw["seed"],
-        host_backing=kw["host_backing"], guest_pages=kw["guest_pages"], machine_opts=kw["machine_opts"])
+        host_backing=kw["host_backing"], guest_pages=kw["guest_pages"], machine_opts=kw["machine_opts"],
+        src_host=kw["src_host"], dst_host=kw["dst_host"],
+        ssh_identity=str(kw["ssh_identity"]) if kw["ssh_identity"] else None,
+        known_hosts=str(kw["known_hosts"]) if kw["known_hosts"] else None, remote_dir=kw["remote_dir"])
     if "max-bandwidth" in opts.parameters or "downtime-limit" in opts.parameters:
         raise click.BadParameter("max-bandwidth and downtime-limit are driven by dirtylog: use "
                                  "--max-bandwidth and --min-passes", param_hint="--parameter")

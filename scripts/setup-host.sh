@@ -15,6 +15,7 @@ packages=(
   cpio xz-utils ca-certificates git python3-venv
   device-tree-compiler rsync bc unzip file wget  # the Buildroot engine's host requirements
   ninja-build pkg-config patch meson libglib2.0-dev zlib1g-dev libfdt-dev  # QEMU with -savedirtylog
+  openssh-client openssh-server iproute2       # two hosts (the tests make them with netns + sshd)
   # for the tests only: running armv7 binaries, negative ELF cases, a signed fake archive
   qemu-user-static gcc-arm-linux-gnueabi gpg
   chromium fonts-liberation                    # rendering the HTML report headless

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from . import capture as _capture
 from . import inject as _inject
+from . import remote as _remote
 from .artifacts import GuestArtifacts
 from .compare import compare_images
 from .errors import InputError, MigrationError, QemuError, VerifyError
@@ -64,6 +65,11 @@ class VerifyOptions:
     host_backing: str = "auto"  # anon | file | memfd | memfd-hugetlb | thp; auto: file for backing-file capture
     guest_pages: str = "4k"  # 4k | hugetlb | thp: how dirtyram maps its buffers in the guest
     machine_opts: str = ""  # extra -machine properties, e.g. secure=off
+    src_host: str | None = None  # user@host[:port] or "local": run the source there (verifier.remote)
+    dst_host: str | None = None  # user@host[:port] or "local": run the destination there
+    ssh_identity: str | None = None
+    known_hosts: str | None = None
+    remote_dir: str = "/var/tmp/dirtylog-remote"  # run directories and file cache on the hosts
 
     def check(self, art: GuestArtifacts) -> None:
         if self.smp < 1 or self.smp > 8:
@@ -122,11 +128,19 @@ def verify(art: GuestArtifacts, opts: VerifyOptions, reporter: Reporter | None =
         fits = ", ".join(m.name for m in MACHINES_BY_ARCH.get(art.arch, []))
         raise InputError(f"--machine {machine.name} runs {machine.arch} guests; these artifacts are {art.arch}"
                          + (f" (use --machine {fits})" if fits else ""))
-    qemu = probe_qemu(opts.qemu or machine.qemu_binary)
-    capture = _capture.choose(opts.capture, qemu, postcopy=opts.postcopy, host_backing=opts.host_backing)
-    opts.host_backing = "file" if capture == "backing-file" else (
-        "anon" if opts.host_backing == "auto" else opts.host_backing)
-    _check_host_backing(opts)
+    hosts = binaries = None
+    if _remote.remote_requested(opts):
+        _remote.check_remote_options(opts)
+        hosts = _remote.hosts_from_options(opts, machine)
+        binaries = _remote.prepare_hosts(hosts)  # typed errors: unreachable, host key, auth, no QEMU
+        qemu, capture = binaries["src"], "pmemsave"
+        opts.host_backing = "anon" if opts.host_backing == "auto" else opts.host_backing
+    else:
+        qemu = probe_qemu(opts.qemu or machine.qemu_binary)
+        capture = _capture.choose(opts.capture, qemu, postcopy=opts.postcopy, host_backing=opts.host_backing)
+        opts.host_backing = "file" if capture == "backing-file" else (
+            "anon" if opts.host_backing == "auto" else opts.host_backing)
+        _check_host_backing(opts)
     if opts.inject and opts.inject[0] == "untracked-writes" and capture != "backing-file":
         raise InputError("--inject untracked-writes writes through the source's RAM backing file: "
                          "it needs --capture backing-file")
@@ -143,7 +157,10 @@ def verify(art: GuestArtifacts, opts: VerifyOptions, reporter: Reporter | None =
             trial = TrialResult(index=index, directory=run_dir / f"trial-{index:02d}")
             report.trials.append(trial)
             try:
-                _run_trial(trial, art, opts, qemu, machine, capture, accel, reporter)
+                if hosts is not None:
+                    _remote.run_two_host_trial(trial, art, opts, hosts, machine, accel, reporter, binaries)
+                else:
+                    _run_trial(trial, art, opts, qemu, machine, capture, accel, reporter)
             except VerifyError as exc:
                 trial.verdict = "error"
                 trial.error = str(exc)
@@ -152,7 +169,7 @@ def verify(art: GuestArtifacts, opts: VerifyOptions, reporter: Reporter | None =
                 break
             reporter.step(f"trial {index}: {trial.verdict.upper()}" + (
                 f" ({trial.compare['diff_count']} differing pages)" if trial.verdict == "fail" else ""))
-            if opts.delete_images and trial.verdict == "pass":
+            if opts.delete_images and trial.verdict == "pass" and hosts is None:
                 for img in trial.images.values():
                     Path(img).unlink(missing_ok=True)
                 trial.images_deleted = True
