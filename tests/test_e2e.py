@@ -320,3 +320,24 @@ def test_other_architectures_build_and_verify_on_their_machine(tmp_path, arch, m
     assert report["machine"] == machine and report["trials"][0]["resume"]["ok"]
     wrong = run_dirtylog("verify", "--artifacts", out, "--machine", "vexpress-a15")
     assert wrong.returncode == 2 and f"these artifacts are {arch}" in wrong.stderr
+
+
+def test_kvm_is_probed_by_starting_the_guest_never_assumed(tmp_path):
+    """`--accel kvm` on this x86_64 host: the outcome depends on the host, but each outcome is
+    specific. Here /dev/kvm is a paravirtualised KVM on which QEMU aborts setting the vCPU's MSRs:
+    the run must say "KVM is not usable here" with QEMU's reason, exit 3 and leave no QEMU behind."""
+    out = tmp_path / "art"
+    assert run_dirtylog("build", "--arch", "x86_64", "--out", out).returncode == 0
+    run_dir = tmp_path / "kvm"
+    res = run_dirtylog("verify", "--artifacts", out, "--smp", "1", "--min-passes", "1", "--capture", "pmemsave",
+                       "--workload", "256:128:20", "--accel", "kvm", "--boot-timeout", "30", "--run-dir", run_dir)
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        assert res.returncode == 2 and "/dev/kvm is not usable" in res.stderr, res.stderr
+    elif res.returncode == 3:
+        last = res.stderr.strip().splitlines()[-1]
+        assert last.startswith("dirtylog: error: KVM is not usable here: "), res.stderr
+        assert last.endswith("use --accel tcg") and "Traceback" not in res.stderr
+    else:  # a host whose KVM really runs the guest: then the verification itself must pass
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert _report(run_dir)["trials"][0]["cmdlines"]["src"].count("kvm") >= 1
+    assert not qemu_processes_under(tmp_path)

@@ -7,6 +7,7 @@ and the reports.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import platform
@@ -266,8 +267,12 @@ def _run_trial(trial: TrialResult, art: GuestArtifacts, opts: VerifyOptions, qem
         policy.before_switchover = inject_now
     dst_args = machine_args(qemu, config("dst")) + ["-S", "-incoming", "defer"] + _capture.qemu_args(capture, "dst")
     src_args = machine_args(qemu, config("src")) + _capture.qemu_args(capture, "src")
-    with QemuProcess(qemu, dst_args, tdir, "dst", on_qmp=reporter.detail) as dst, \
-            QemuProcess(qemu, src_args, tdir, "src", on_qmp=reporter.detail) as src:
+    with contextlib.ExitStack() as stack:
+        try:
+            dst = stack.enter_context(QemuProcess(qemu, dst_args, tdir, "dst", on_qmp=reporter.detail))
+            src = stack.enter_context(QemuProcess(qemu, src_args, tdir, "src", on_qmp=reporter.detail))
+        except QemuError as exc:
+            raise _kvm_startup_error(exc, opts) from None
         trial.cmdlines = {"src": src.cmdline, "dst": dst.cmdline}
         for side, proc in (("destination", dst), ("source", src)):
             reporter.detail(f"{side} QEMU: " + (tdir / f"cmdline-{proc.name}.txt").read_text().strip())
@@ -310,6 +315,14 @@ def _run_trial(trial: TrialResult, art: GuestArtifacts, opts: VerifyOptions, qem
         trial.injection["addresses"] = [hex(machine.ram_base + p * 4096) for p in trial.injection["pages"]]
         trial.injection.update(_inject.check(trial.injection["pages"], result.diff_pages))
     trial.timings["total_s"] = round(time.monotonic() - t_start, 3)
+
+
+def _kvm_startup_error(exc: QemuError, opts: VerifyOptions) -> QemuError:
+    """A QEMU that dies while starting under KVM says why KVM is unusable (a nested or
+    paravirtualised /dev/kvm that rejects the vCPU's MSRs, for instance), not just that it died."""
+    if opts.accel != "kvm":
+        return exc
+    return QemuError(f"KVM is not usable here: QEMU failed to start under KVM: {exc}; use --accel tcg")
 
 
 def _guest_page_report(console: str, opts: VerifyOptions) -> dict:
