@@ -4,6 +4,7 @@ nothing half-written. These run the real CLI; only the guest-booting ones need a
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -159,3 +160,18 @@ def test_offline_build_with_an_empty_cache_names_what_is_missing(tmp_path):
 @pytest.mark.e2e
 def test_inconsistent_verify_options_are_refused(artifacts, args, expect):
     assert expect in _one_line_error(run_dirtylog("verify", "--artifacts", artifacts, *args), 2)
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["--capability", "no-such-cap=on"], "has no migration capability no-such-cap; it has: "),
+    (["--parameter", "multifd-chanels=2"], "has no migration parameter multifd-chanels; it has: "),
+])
+@pytest.mark.e2e
+def test_what_this_qemu_lacks_is_refused_before_the_guest_boots(artifacts, tmp_path, args, expect):
+    """Asked of the real QEMU (query-migrate-capabilities/-parameters) right after it starts."""
+    t0 = time.monotonic()
+    res = run_dirtylog("verify", "--artifacts", artifacts, "--machine", "virt", "--smp", "1", *args,
+                       "--run-dir", tmp_path / "run")
+    assert expect in _one_line_error(res, 2)
+    assert time.monotonic() - t0 < 5  # no boot, no migration
+    assert "DIRTYLOG-READY" not in (tmp_path / "run" / "trial-01" / "serial-src.log").read_text()

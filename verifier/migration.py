@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 from pathlib import Path
 
-from .errors import MigrationError, QemuError
+from .errors import InputError, MigrationError, QemuError
 from .qemu import QemuProcess
 
 MiB = 1024 * 1024
@@ -46,6 +46,28 @@ class MigrationResult:
 
 def _ram(info: dict) -> dict:
     return info.get("ram") or {}
+
+
+# parameters query-migrate-parameters reports only once they have been set
+_UNREPORTED_PARAMETERS = {"block-bitmap-mapping"}
+
+
+def check_supported(side: QemuProcess, policy: MigrationPolicy) -> None:
+    """Refuse, before the guest boots, a capability or parameter this QEMU does not have: the
+    user's input (or their QEMU's age) is wrong, nothing failed. Asked of the QEMU itself."""
+    wanted = set(policy.capabilities) | ({"postcopy-ram"} if policy.postcopy else set())
+    if wanted:
+        have = {c["capability"] for c in side.qmp("query-migrate-capabilities")}
+        missing = sorted(wanted - have)
+        if missing:
+            raise InputError(f"this QEMU ({side.binary.version_str}) has no migration capability "
+                             f"{', '.join(missing)}; it has: {', '.join(sorted(have))}")
+    if policy.parameters:
+        have = set(side.qmp("query-migrate-parameters")) | _UNREPORTED_PARAMETERS
+        missing = sorted(set(policy.parameters) - have)
+        if missing:
+            raise InputError(f"this QEMU ({side.binary.version_str}) has no migration parameter "
+                             f"{', '.join(missing)}; it has: {', '.join(sorted(have))}")
 
 
 def configure(src: QemuProcess, dst: QemuProcess, policy: MigrationPolicy) -> None:

@@ -25,7 +25,7 @@ from . import remote as _remote
 from .artifacts import GuestArtifacts
 from .compare import compare_images
 from .errors import InputError, MigrationError, QemuError, VerifyError
-from .migration import MigrationPolicy, run_migration
+from .migration import MigrationPolicy, check_supported, run_migration
 from .qemu import MACHINES, MACHINES_BY_ARCH, GuestConfig, QemuBinary, QemuProcess, machine_args, probe_qemu
 from .report import RunReport, TrialResult, diagnose_trial
 from .workload import SEED_WORKLOADS, Workload, check_fits, kernel_cmdline_arg
@@ -71,6 +71,8 @@ class VerifyOptions:
     ssh_identity: str | None = None
     known_hosts: str | None = None
     remote_dir: str = "/var/tmp/dirtylog-remote"  # run directories and file cache on the hosts
+    dst_qemu: str | None = None  # two-host runs: the destination's QEMU when it is not `qemu`
+    allow_qemu_mismatch: bool = False  # two-host runs: accept QEMUs of different versions
 
     def check(self, art: GuestArtifacts) -> None:
         if self.smp < 1 or self.smp > 8:
@@ -137,6 +139,9 @@ def verify(art: GuestArtifacts, opts: VerifyOptions, reporter: Reporter | None =
         qemu, capture = binaries["src"], "pmemsave"
         opts.host_backing = "anon" if opts.host_backing == "auto" else opts.host_backing
     else:
+        if opts.dst_qemu or opts.allow_qemu_mismatch:
+            raise InputError("--dst-qemu and --allow-qemu-mismatch apply to runs with --src-host/--dst-host "
+                             "(two QEMUs on this machine: --src-host local --dst-host local)")
         qemu = probe_qemu(opts.qemu or machine.qemu_binary)
         capture = _capture.choose(opts.capture, qemu, postcopy=opts.postcopy, host_backing=opts.host_backing)
         opts.host_backing = "file" if capture == "backing-file" else (
@@ -152,6 +157,8 @@ def verify(art: GuestArtifacts, opts: VerifyOptions, reporter: Reporter | None =
     except OSError as exc:
         raise InputError(f"cannot create run directory {run_dir}: {exc.strerror}") from None
     report = RunReport.start(run_dir, opts, art, qemu, machine, capture)
+    if hosts is not None:
+        report.qemu.update(_remote.qemu_report(hosts, binaries))  # both hosts' QEMUs
     reporter.step(f"run directory {run_dir}")
     try:
         for index in range(1, opts.trials + 1):
@@ -273,6 +280,7 @@ def _run_trial(trial: TrialResult, art: GuestArtifacts, opts: VerifyOptions, qem
             src = stack.enter_context(QemuProcess(qemu, src_args, tdir, "src", on_qmp=reporter.detail))
         except QemuError as exc:
             raise _kvm_startup_error(exc, opts) from None
+        check_supported(src, policy)
         trial.cmdlines = {"src": src.cmdline, "dst": dst.cmdline}
         for side, proc in (("destination", dst), ("source", src)):
             reporter.detail(f"{side} QEMU: " + (tdir / f"cmdline-{proc.name}.txt").read_text().strip())
