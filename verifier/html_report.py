@@ -15,6 +15,8 @@ import io
 import json
 from pathlib import Path
 
+from .fsutil import atomic_write
+
 PAGE = 4096
 MAP_COLUMNS = 256  # pages per row of the memory map: 1 MiB
 DIAGNOSIS_COLOURS = {
@@ -286,9 +288,4 @@ def _scenario_html(sc: dict) -> str:
 
 
 def write(matrix_report: dict, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(render(matrix_report))
-    tmp.replace(path)
-    return path
+    return atomic_write(path, render(matrix_report))

@@ -13,6 +13,8 @@ import socket
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from .fsutil import atomic_write
+
 _BAD_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 MAX_TEXT = 60_000
 
@@ -127,9 +129,4 @@ def to_xml(matrix_report: dict, suite_name: str = "dirtylog") -> bytes:
 
 
 def write(matrix_report: dict, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(to_xml(matrix_report))
-    tmp.replace(path)
-    return path
+    return atomic_write(path, to_xml(matrix_report))

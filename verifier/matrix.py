@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InputError, VerifyError
+from .fsutil import atomic_write
 
 MATRIX_SCHEMA = "dirtylog-matrix/1"
 QEMU_OVERHEAD_MIB = 200  # host memory per QEMU besides guest RAM
@@ -577,10 +578,7 @@ def build_report(matrix: Matrix | dict, results: list[dict], *, shard_spec, jobs
 
 
 def write_json(data: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def _now() -> str:

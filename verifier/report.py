@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 import shlex
 import statistics
 import sys
@@ -12,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .compare import CompareResult
+from .fsutil import atomic_write
 
 REPORT_SCHEMA = "dirtylog-report/1"
 MAX_RANGES_IN_TEXT = 40
@@ -140,11 +140,8 @@ class RunReport:
         written = []
         targets = [self.run_dir / "report.json"] + ([json_path] if json_path else [])
         for path in targets:
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(data)
-            os.replace(tmp, path)
-            written.append(path)
-        (self.run_dir / "report.txt").write_text(self.render_text())
+            written.append(atomic_write(path, data))
+        atomic_write(self.run_dir / "report.txt", self.render_text())
         return written + [self.run_dir / "report.txt"]
 
     def render_text(self) -> str:
