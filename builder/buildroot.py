@@ -12,6 +12,7 @@ the release the external tree is written and tested against; another version is 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -51,6 +52,7 @@ BR2_TOOLCHAIN_EXTERNAL_HEADERS_6_1=y
 BR2_TOOLCHAIN_EXTERNAL_CUSTOM_GLIBC=y
 BR2_TOOLCHAIN_EXTERNAL_OPENMP=y
 # BR2_TOOLCHAIN_EXTERNAL_CXX is not set
+# BR2_TOOLCHAIN_EXTERNAL_INET_RPC is not set
 """
 
 # The compiler wrapper: Buildroot refuses a compiler configured --with-sysroot=/ and finds the
@@ -103,6 +105,19 @@ def defconfig_path(defconfig: str) -> Path:
     return path
 
 
+def read_fragment(path: Path) -> str:
+    """A user's Buildroot config fragment: only comments, blank lines and BR2_* assignments."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise BuildInputError(f"--br2-fragment {path}: {exc.strerror}") from None
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if line and not line.startswith("#") and not re.match(r"BR2_[A-Za-z0-9_]+=", line):
+            raise BuildInputError(f"--br2-fragment {path}:{n}: not a Buildroot option line: {line[:60]!r}")
+    return text
+
+
 def host_toolchain_prefix(defconfig_text: str) -> str:
     for symbol, prefix in HOST_TOOLCHAIN_PREFIXES.items():
         if re.search(rf"^{symbol}=y$", defconfig_text, re.M):
@@ -141,6 +156,8 @@ def make_host_toolchain(dest: Path, prefix: str, *, bindir: Path = Path("/usr/bi
         name = tool.name[len(prefix) + 1:]
         if name in _CXX_TOOLS or name.startswith(tuple(t + "-" for t in _CXX_TOOLS)):
             continue  # no C++: BR2_TOOLCHAIN_EXTERNAL_CXX is off
+        if re.search(r"-\d+$", name):
+            continue  # gcc-12, cpp-12, gcc-ar-12...: Buildroot would wrap them as compilers, bypassing ours
         target = tmp / "bin" / tool.name
         if name in _WRAPPED_TOOLS:
             target.write_text(_GCC_WRAPPER.format(real=shlex.quote(str(tool)), sysroot=shlex.quote(str(sysroot))))
@@ -189,15 +206,38 @@ def _make(args: list[str], *, env: dict, log_file: Path | None = None, log=lambd
     return "".join(captured)
 
 
-def missing_downloads(show_info: dict, dl_dir: Path) -> list[str]:
-    """Every source archive `make show-info` lists that is not in dl_dir, as 'pkg: dl/path'."""
+def _pkg_var(pkg: str) -> str:
+    """Buildroot's variable prefix of a package name: host-pkg-config -> HOST_PKG_CONFIG."""
+    return pkg.upper().replace("-", "_")
+
+
+def overridden_packages(printvars_output: str) -> set[str]:
+    """Variable prefixes (HOST_TAR, DIRTYRAM, ...) of the packages whose <PKG>_OVERRIDE_SRCDIR is set,
+    from `make printvars VARS=%_OVERRIDE_SRCDIR`."""
+    out = set()
+    for line in printvars_output.splitlines():
+        m = re.match(r"([A-Z0-9_]+)_OVERRIDE_SRCDIR=(.*)$", line.strip())
+        if m and m.group(2).strip():
+            out.add(m.group(1))
+    return out
+
+
+def missing_downloads(show_info: dict, dl_dir: Path, overridden: set[str] = frozenset()) -> list[str]:
+    """Every source archive `make show-info` lists that is not in dl_dir, as 'pkg: dl/path'.
+    Not counted: packages whose source is a local directory (SITE_METHOD = local, or
+    <PKG>_OVERRIDE_SRCDIR: `overridden` holds their variable prefixes) and files a file:// site
+    already holds (copied into dl_dir by Buildroot without any network)."""
     missing = []
     for pkg, info in sorted(show_info.items()):
-        if not isinstance(info, dict) or info.get("virtual"):
+        if not isinstance(info, dict) or info.get("virtual") or _pkg_var(pkg) in overridden:
             continue
         for dl in info.get("downloads") or []:
-            if any(uri.startswith("local+") for uri in dl.get("uris", [])):
+            uris = dl.get("uris", [])
+            if any(uri.startswith("local+") for uri in uris):
                 continue  # SITE_METHOD = local (dirtyram): rsynced from the repository, not downloaded
+            if any(uri.startswith("file+file://") and (Path(uri[len("file+file://"):]) / dl["source"]).is_file()
+                   for uri in uris):
+                continue
             rel = Path(info.get("dl_dir") or pkg) / dl["source"]
             if not (Path(dl_dir) / rel).is_file():
                 missing.append(f"{pkg}: {rel}")
@@ -206,14 +246,18 @@ def missing_downloads(show_info: dict, dl_dir: Path) -> list[str]:
 
 def build_with_buildroot(out: Path, defconfig: str = DEFAULT_DEFCONFIG, *, buildroot_dir: Path | None = None,
                          dl_dir: Path | None = None, offline: bool = False, toolchain: str = "buildroot",
-                         build_dir: Path | None = None, log=lambda msg: None) -> dict:
+                         fragments: list[Path] | tuple[Path, ...] = (), build_dir: Path | None = None,
+                         log=lambda msg: None) -> dict:
     """Build the guest artifacts of `defconfig` (buildroot-external/configs/) with the Buildroot tree
     `buildroot_dir` into `out`; returns the manifest written there.
 
     dl_dir: Buildroot's download directory (BR2_DL_DIR). offline: every source archive must already be
     in dl_dir; all missing ones are named (CacheMissError) before anything is built.
     toolchain: "buildroot" (Buildroot builds its own cross toolchain) or "host" (Debian's cross-gcc 12
-    as an external toolchain). build_dir: Buildroot's O= (default: a fixed directory in the cache)."""
+    as an external toolchain). fragments: the user's own Buildroot config fragments (BR2_... lines),
+    appended after the defconfig and the toolchain options, e.g. BR2_PACKAGE_OVERRIDE_FILE or
+    BR2_LINUX_KERNEL_CUSTOM_TARBALL_LOCATION for a lab without Buildroot's download servers.
+    build_dir: Buildroot's O= (default: a fixed directory in the cache)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise BuildInputError(f"--out {out} exists and is not a directory")
@@ -232,6 +276,7 @@ def build_with_buildroot(out: Path, defconfig: str = DEFAULT_DEFCONFIG, *, build
     if shutil.which("make") is None:
         raise ToolMissingError("the Buildroot engine needs make (Debian package build-essential)")
     dc_text = defconfig_path(defconfig).read_text()
+    fragment_texts = [read_fragment(f) for f in fragments]
 
     build_dir = Path(build_dir) if build_dir else _default_build_root() / f"{defconfig.removesuffix('_defconfig')}-{toolchain}"
     build_dir = build_dir.resolve()
@@ -241,15 +286,25 @@ def build_with_buildroot(out: Path, defconfig: str = DEFAULT_DEFCONFIG, *, build
     env = _buildroot_env(dl_dir)
     common = ["-C", str(buildroot_dir), f"O={build_dir}", f"BR2_EXTERNAL={EXTERNAL_DIR}"]
 
+    extra = []
     if toolchain == "host":
         prefix = host_toolchain_prefix(dc_text)
-        tc_dir = make_host_toolchain(build_dir / "host-toolchain", prefix)
+        # Not under a name starting with "host": Buildroot links the toolchain's tools into HOST_DIR
+        # (<build dir>/host) by replacing HOST_DIR textually with "..", which would mangle <build dir>/host-*.
+        tc_dir = make_host_toolchain(build_dir / "debian-toolchain", prefix)
         log(f"host toolchain: {prefix}-gcc behind {tc_dir}")
+        extra.append(HOST_TOOLCHAIN_OPTIONS.format(path=tc_dir, prefix=prefix))
+    for path, text in zip(fragments, fragment_texts):
+        log(f"config fragment: {path}")
+        extra.append(f"# from {Path(path).resolve()}\n{text}")
+    if extra:
         # Same file name as ours, so that BR2_DEFCONFIG (and the manifest) names the defconfig.
         combined = build_dir / "defconfig" / defconfig
         combined.parent.mkdir(exist_ok=True)
-        combined.write_text(dc_text.rstrip("\n") + "\n" + HOST_TOOLCHAIN_OPTIONS.format(path=tc_dir, prefix=prefix))
-        log(f"configuring {defconfig} (+ host toolchain) in {build_dir}")
+        combined.write_text("\n".join(t.rstrip("\n") for t in [dc_text, *extra]) + "\n")
+        what = " + ".join((["host toolchain"] if toolchain == "host" else [])
+                          + ([f"{len(fragments)} fragment(s)"] if fragments else []))
+        log(f"configuring {defconfig} ({what}) in {build_dir}")
         _make([*common, f"BR2_DEFCONFIG={combined}", "defconfig"], env=env, log_file=log_file)
     else:
         log(f"configuring {defconfig} in {build_dir}")
@@ -261,7 +316,9 @@ def build_with_buildroot(out: Path, defconfig: str = DEFAULT_DEFCONFIG, *, build
             info = json.loads(info_text[info_text.index("{"):])
         except ValueError:
             raise BuildError(f"`make show-info` in {build_dir} printed no JSON") from None
-        missing = missing_downloads(info, dl_dir)
+        overrides = _make(["-s", "--no-print-directory", "-C", str(build_dir), "printvars",
+                           "VARS=%_OVERRIDE_SRCDIR"], env=env, capture=True)
+        missing = missing_downloads(info, dl_dir, overridden_packages(overrides))
         if missing and offline:
             raise CacheMissError(f"--offline: {len(missing)} source archive(s) missing from {dl_dir}: "
                                  + ", ".join(missing))
@@ -278,13 +335,18 @@ def build_with_buildroot(out: Path, defconfig: str = DEFAULT_DEFCONFIG, *, build
         raise BuildError(f"Buildroot finished but {published}/manifest.json is unreadable ({exc}); "
                          "did the post-image script run?") from None
     manifest["reproducer"] = reproducer(out, defconfig, toolchain=toolchain, buildroot_dir=buildroot_dir,
-                                        dl_dir=dl_dir)
+                                        dl_dir=dl_dir, fragments=fragments)
+    if fragments:
+        manifest.setdefault("sources", {})["br2_fragments"] = [
+            {"path": str(Path(f).resolve()), "sha256": hashlib.sha256(t.encode()).hexdigest()}
+            for f, t in zip(fragments, fragment_texts)]
     manifest.setdefault("sources", {}).setdefault("buildroot", {})["tested_version"] = BUILDROOT_VERSION
     _publish(published, manifest, out)
     return manifest
 
 
-def reproducer(out: Path, defconfig: str, *, toolchain: str, buildroot_dir: Path, dl_dir: Path | None) -> str:
+def reproducer(out: Path, defconfig: str, *, toolchain: str, buildroot_dir: Path, dl_dir: Path | None,
+               fragments=()) -> str:
     arch = next((a for a, d in ARCH_DEFCONFIGS.items() if d == defconfig), None)
     words = ["dirtylog", "build", "--engine", "buildroot"]
     if arch and arch != "armv7":
@@ -294,6 +356,8 @@ def reproducer(out: Path, defconfig: str, *, toolchain: str, buildroot_dir: Path
         words += ["--dl-dir", str(dl_dir), "--offline"]
     if toolchain != "buildroot":
         words += ["--toolchain", toolchain]
+    for f in fragments:
+        words += ["--br2-fragment", str(Path(f).resolve())]
     words += ["--out", str(out)]
     return shlex.join(words)
 

@@ -145,6 +145,9 @@ def build_options(f):
                      help="Buildroot download cache; with --offline every missing archive is named first.")(f)
     f = click.option("--toolchain", type=click.Choice(["buildroot", "host"]), default="buildroot",
                      show_default=True, help="Buildroot engine: its own toolchain, or Debian's cross-compiler.")(f)
+    f = click.option("--br2-fragment", "br2_fragments", multiple=True, type=click.Path(path_type=Path),
+                     help="Buildroot engine: a file of BR2_* lines appended to the defconfig (repeatable), e.g. "
+                          "BR2_PACKAGE_OVERRIDE_FILE or a local kernel tarball for builds without network.")(f)
     f = click.option("--arch", type=click.Choice(["armv7", "aarch64", "x86_64"]), default="armv7",
                      show_default=True,
                      help="Guest architecture: armv7 (vexpress-a15/virt), aarch64 (virt), x86_64 (q35).")(f)
@@ -152,16 +155,17 @@ def build_options(f):
 
 
 def _build(console, out, offline, mirror, cache_dir, arch, runtime, engine="debian", buildroot_dir=None,
-           dl_dir=None, toolchain="buildroot"):
+           dl_dir=None, toolchain="buildroot", br2_fragments=()):
     if engine == "buildroot":
         from builder.buildroot import ARCH_DEFCONFIGS, build_with_buildroot
         if arch not in ARCH_DEFCONFIGS:
             raise click.BadParameter(f"the buildroot engine builds {', '.join(ARCH_DEFCONFIGS)}", param_hint="--arch")
         console.step(f"building {arch} guest artifacts from source with Buildroot into {out}")
         return build_with_buildroot(out, ARCH_DEFCONFIGS[arch], buildroot_dir=buildroot_dir, dl_dir=dl_dir,
-                                    offline=offline, toolchain=toolchain, log=console.step)
-    if buildroot_dir or dl_dir:
-        raise click.UsageError("--buildroot-dir and --dl-dir go with --engine buildroot")
+                                    offline=offline, toolchain=toolchain, fragments=br2_fragments,
+                                    log=console.step)
+    if buildroot_dir or dl_dir or br2_fragments:
+        raise click.UsageError("--buildroot-dir, --dl-dir and --br2-fragment go with --engine buildroot")
     from builder.runtime import get_runtime
     rt = get_runtime(runtime, log=console.detail)
     console.step(f"building {arch} guest artifacts into {out} (runtime: {rt.name})")
@@ -201,14 +205,15 @@ def _build_patched_qemu(console, out, version, mirror, cache_dir, offline, runti
                    "recorded in the manifest so that verify uses it.")
 @click.pass_obj
 def build(console, out, offline, mirror, cache_dir, arch, runtime, engine, buildroot_dir, dl_dir, toolchain,
-          qemu_version, qemu_kind):
+          br2_fragments, qemu_version, qemu_kind):
     """Build the guest artifacts and manifest.json.
 
     armv7: zImage, guest_a15x2.dtb, initrd.cpio-dirtyram.gz, dirtyram.arm; aarch64: Image,
     initrd.cpio-dirtyram.gz, dirtyram.aarch64; x86_64: bzImage, initrd.cpio-dirtyram.gz,
     dirtyram.x86_64.
     """
-    _build(console, out, offline, mirror, cache_dir, arch, runtime, engine, buildroot_dir, dl_dir, toolchain)
+    _build(console, out, offline, mirror, cache_dir, arch, runtime, engine, buildroot_dir, dl_dir, toolchain,
+           br2_fragments)
     if qemu_kind == "patched":
         _build_patched_qemu(console, out, qemu_version, mirror, cache_dir, offline, runtime)
     click.echo(str(out / "manifest.json"))
@@ -427,13 +432,14 @@ def verify_cmd(ctx, artifacts, matrix_file, jobs, shard, junit_path, html_path, 
 @verify_options
 @click.pass_obj
 def make_and_verify(console, out, offline, mirror, cache_dir, arch, runtime, engine, buildroot_dir, dl_dir,
-                    toolchain, qemu_version, **kw):
+                    toolchain, br2_fragments, qemu_version, **kw):
     """The one-shot: build the guest artifacts and (armv7) QEMU with -savedirtylog, then verify.
 
     --qemu patched (default for armv7) builds or reuses the patched QEMU; --qemu stock uses the
     system's qemu-system-*; --qemu PATH a binary of your own.
     """
-    _build(console, out, offline, mirror, cache_dir, arch, runtime, engine, buildroot_dir, dl_dir, toolchain)
+    _build(console, out, offline, mirror, cache_dir, arch, runtime, engine, buildroot_dir, dl_dir, toolchain,
+           br2_fragments)
     choice = kw["qemu"] or ("patched" if arch == "armv7" else "stock")
     if choice == "patched":
         kw["qemu"] = _build_patched_qemu(console, out, qemu_version, mirror, cache_dir, offline, runtime)

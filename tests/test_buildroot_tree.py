@@ -55,7 +55,7 @@ BUILDROOT_SYMBOLS = {
     "BR2_TOOLCHAIN_EXTERNAL", "BR2_TOOLCHAIN_EXTERNAL_CUSTOM", "BR2_TOOLCHAIN_EXTERNAL_PREINSTALLED",
     "BR2_TOOLCHAIN_EXTERNAL_PATH", "BR2_TOOLCHAIN_EXTERNAL_CUSTOM_PREFIX", "BR2_TOOLCHAIN_EXTERNAL_GCC_12",
     "BR2_TOOLCHAIN_EXTERNAL_HEADERS_6_1", "BR2_TOOLCHAIN_EXTERNAL_CUSTOM_GLIBC", "BR2_TOOLCHAIN_EXTERNAL_OPENMP",
-    "BR2_TOOLCHAIN_EXTERNAL_CXX",
+    "BR2_TOOLCHAIN_EXTERNAL_CXX", "BR2_TOOLCHAIN_EXTERNAL_INET_RPC",
 }
 
 _SET = re.compile(r"^(BR2_\w+)=(.*)$")
@@ -362,6 +362,46 @@ def test_missing_downloads_names_every_absent_archive_and_skips_local_sources(tm
                                                            "linux-headers: linux/linux-6.1.174.tar.xz"]
 
 
+def test_missing_downloads_skips_overridden_packages_and_files_a_file_site_holds(tmp_path):
+    local = tmp_path / "local"
+    local.mkdir()
+    (local / "linux_6.1.176.orig.tar.xz").write_bytes(b"x")
+    info = {
+        "host-tar": {"dl_dir": "tar", "downloads": [{"source": "tar-1.35.cpio.gz", "uris": ["https+https://x/tar"]}]},
+        "host-pkg-config": {"dl_dir": "pkgconf", "downloads": [{"source": "p.tar.xz", "uris": []}]},
+        "linux": {"dl_dir": "linux", "downloads": [{"source": "linux_6.1.176.orig.tar.xz",
+                                                    "uris": [f"file+file://{local}", "https+https://x/linux"]}]},
+        "busybox": {"dl_dir": "busybox", "downloads": [{"source": "busybox-1.37.0.tar.bz2",
+                                                        "uris": [f"file+file://{local}"]}]},
+    }
+    overridden = buildroot.overridden_packages(
+        "DIRTYRAM_OVERRIDE_SRCDIR=/repo/dirtyram-src\nHOST_TAR_OVERRIDE_SRCDIR=/stubs/tar\n"
+        "HOST_PKG_CONFIG_OVERRIDE_SRCDIR=/stubs/pkgconf\nHOST_M4_OVERRIDE_SRCDIR=\n")
+    assert overridden == {"DIRTYRAM", "HOST_TAR", "HOST_PKG_CONFIG"}
+    assert buildroot.missing_downloads(info, tmp_path, overridden) == ["busybox: busybox/busybox-1.37.0.tar.bz2"]
+
+
+def test_br2_fragment_must_hold_only_buildroot_option_lines(tmp_path):
+    good = tmp_path / "offline.config"
+    good.write_text('# offline\nBR2_PACKAGE_OVERRIDE_FILE="/lab/local.mk"\n\nBR2_LINUX_KERNEL_CUSTOM_TARBALL=y\n')
+    assert buildroot.read_fragment(good) == good.read_text()
+    bad = tmp_path / "bad.config"
+    bad.write_text("BR2_LINUX_KERNEL=y\nHOST_TAR_OVERRIDE_SRCDIR = /x\n")
+    with pytest.raises(BuildInputError, match=r"bad.config:2: not a Buildroot option line"):
+        buildroot.read_fragment(bad)
+    with pytest.raises(BuildInputError, match="--br2-fragment .*missing"):
+        buildroot.read_fragment(tmp_path / "missing")
+
+
+def test_br2_fragment_is_checked_before_running_make(tmp_path):
+    bad = tmp_path / "bad.config"
+    bad.write_text("make me a sandwich\n")
+    with pytest.raises(BuildInputError, match="not a Buildroot option line"):
+        buildroot.build_with_buildroot(tmp_path / "out", buildroot_dir=_fake_buildroot(tmp_path),
+                                       fragments=[bad], build_dir=tmp_path / "build")
+    assert not (tmp_path / "build").exists()
+
+
 def _fake_buildroot(tmp_path: Path, version: str = "2026.02.3") -> Path:
     br = tmp_path / "buildroot"
     br.mkdir()
@@ -393,6 +433,9 @@ def test_reproducer_names_the_engine_and_its_inputs(tmp_path):
                                buildroot_dir=Path("/br"), dl_dir=Path("/dl"))
     assert cmd.startswith("dirtylog build --engine buildroot --arch aarch64 --buildroot-dir /br --dl-dir /dl --offline")
     assert "--toolchain host" in cmd
+    cmd = buildroot.reproducer(tmp_path / "out", "dirtylog_vexpress_a15_defconfig", toolchain="host",
+                               buildroot_dir=Path("/br"), dl_dir=Path("/dl"), fragments=[Path("/lab/offline.config")])
+    assert "--br2-fragment /lab/offline.config --out" in cmd
 
 
 def test_host_toolchain_prefix_follows_the_defconfig_architecture():
@@ -409,6 +452,8 @@ def test_host_toolchain_wrapper_passes_buildroots_checks_and_compiles_dirtyram(t
     gcc = tc / "bin" / "arm-linux-gnueabihf-gcc"
     sysroot = tc / "sysroot"
     assert not (tc / "bin" / "arm-linux-gnueabihf-g++").exists()
+    # No gcc-12 & co.: Buildroot would wrap them as compilers that bypass our sysroot.
+    assert not list((tc / "bin").glob("*-1[0-9]")) and (tc / "bin" / "arm-linux-gnueabihf-gcc-ar").exists()
     # Buildroot's check_unusable_toolchain: no --with-sysroot=/, libc.a found in a sysroot layout.
     verbose = subprocess.run([str(gcc), "-v"], capture_output=True, text=True, check=True).stderr
     assert "--with-sysroot=/ " not in verbose and f"--with-sysroot={sysroot} " in verbose
@@ -441,10 +486,13 @@ def test_allowlist_is_spelled_as_in_buildroot():
                     reason="opt-in full Buildroot build: set DIRTYLOG_BUILDROOT_DIR and DIRTYLOG_BUILDROOT_DL_DIR "
                            "(a pre-populated download directory); takes 20+ minutes")
 def test_full_buildroot_build_gives_artifacts_the_verifier_accepts(tmp_path):
+    # Optional: DIRTYLOG_BUILDROOT_TOOLCHAIN=host (Debian's cross-gcc), DIRTYLOG_BUILDROOT_FRAGMENTS=F1:F2
+    # (--br2-fragment files, e.g. a lab's offline workarounds).
     toolchain = os.environ.get("DIRTYLOG_BUILDROOT_TOOLCHAIN", "buildroot")
+    fragments = [Path(f) for f in os.environ.get("DIRTYLOG_BUILDROOT_FRAGMENTS", "").split(os.pathsep) if f]
     manifest = buildroot.build_with_buildroot(tmp_path / "out", buildroot_dir=Path(BUILDROOT_DIR),
                                               dl_dir=Path(BUILDROOT_DL_DIR), offline=True, toolchain=toolchain,
-                                              build_dir=tmp_path / "build")
+                                              fragments=fragments, build_dir=tmp_path / "build")
     art = load_artifacts(tmp_path / "out")
     assert manifest["engine"] == "buildroot" and art.machine == "vexpress-a15" and art.min_mem_mb == 32
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["reproducer"].startswith(
