@@ -273,6 +273,12 @@ def verify_options(f):
                      help="known_hosts file for --src-host/--dst-host (unknown host keys are always refused)."),
         click.option("--remote-dir", default="/var/tmp/dirtylog-remote", show_default=True,
                      help="Run directories and file cache on --src-host/--dst-host."),
+        click.option("--dst-qemu", metavar="PATH",
+                     help="With --src-host/--dst-host: the destination's QEMU when it is not --qemu (e.g. "
+                          "another version; needs --allow-qemu-mismatch then)."),
+        click.option("--allow-qemu-mismatch", is_flag=True,
+                     help="With --src-host/--dst-host: run although the two hosts' QEMUs report different "
+                          "versions (a cross-version migration); both versions go to report.json."),
         click.option("--migration-timeout", type=float, default=180.0, show_default=True,
                      help="Seconds before a migration that does not converge is a failure."),
         click.option("--boot-timeout", type=float, default=120.0, show_default=True,
@@ -372,7 +378,8 @@ def _verify(console, artifacts, **kw):
         host_backing=kw["host_backing"], guest_pages=kw["guest_pages"], machine_opts=kw["machine_opts"],
         src_host=kw["src_host"], dst_host=kw["dst_host"],
         ssh_identity=str(kw["ssh_identity"]) if kw["ssh_identity"] else None,
-        known_hosts=str(kw["known_hosts"]) if kw["known_hosts"] else None, remote_dir=kw["remote_dir"])
+        known_hosts=str(kw["known_hosts"]) if kw["known_hosts"] else None, remote_dir=kw["remote_dir"],
+        dst_qemu=kw["dst_qemu"], allow_qemu_mismatch=kw["allow_qemu_mismatch"])
     if "max-bandwidth" in opts.parameters or "downtime-limit" in opts.parameters:
         raise click.BadParameter("max-bandwidth and downtime-limit are driven by dirtylog: use "
                                  "--max-bandwidth and --min-passes", param_hint="--parameter")

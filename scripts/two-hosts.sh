@@ -143,7 +143,7 @@ PrintLastLog no
 MaxSessions 32
 MaxStartups 64
 ClientAliveInterval 5
-ClientAliveCountMax 4
+ClientAliveCountMax 6
 LogLevel VERBOSE
 EOF
         echo "$addr $(cut -d' ' -f1-2 "$d/ssh_host_ed25519_key.pub")" >> "$STATE/ssh/known_hosts.new"

@@ -7,7 +7,9 @@ openssh-server and openssh-client, qemu-system-arm.
 
 from __future__ import annotations
 
+import json
 import os
+import secrets
 import shutil
 import subprocess
 import tempfile
@@ -20,9 +22,9 @@ import pytest
 from verifier.artifacts import load_artifacts
 from verifier.errors import InputError, MigrationError, QemuError, VerifyError
 from verifier.qemu import MACHINES
-from verifier.remote import (HostAuthError, HostKeyError, HostUnreachable, RemoteImage, SshHost,
-                             SshOptions, TwoHosts, compare_remote_images, make_host, prepare_hosts,
-                             run_two_host_trial)
+from verifier.remote import (HostAuthError, HostKeyError, HostSetupError, HostUnreachable, LocalHost,
+                             RemoteImage, SshHost, SshOptions, TwoHosts, compare_remote_images, make_host,
+                             prepare_hosts, qemu_report, run_two_host_trial)
 from verifier.report import TrialResult
 from verifier.run import Reporter, VerifyOptions, _accel_spec
 from verifier.workload import Workload
@@ -165,7 +167,7 @@ def test_unknown_host_key_is_refused(state, tmp_path):
     host = SshHost(DST, SshOptions(identity=str(state / "ssh" / "id_ed25519"), known_hosts=str(empty)))
     with pytest.raises(HostKeyError) as exc:
         host.check()
-    assert exc.value.exit_code == 2 and "host key" in str(exc.value)
+    assert exc.value.exit_code == 3 and "host key" in str(exc.value)
     # the source's key under the destination's address: a changed key, refused as well
     src_key = (state / "ssh" / "known_hosts").read_text().splitlines()[0].split(" ", 1)[1]
     empty.write_text(f"10.241.2.2 {src_key}\n")
@@ -181,7 +183,7 @@ def test_auth_failure(state, tmp_path):
     host = SshHost(DST, SshOptions(identity=str(key), known_hosts=str(state / "ssh" / "known_hosts")))
     with pytest.raises(HostAuthError) as exc:
         host.check()
-    assert exc.value.exit_code == 2
+    assert exc.value.exit_code == 3 and "\n" not in str(exc.value)
 
 
 def test_unreachable_host_is_a_bounded_infrastructure_error(state):
@@ -194,9 +196,71 @@ def test_unreachable_host_is_a_bounded_infrastructure_error(state):
 
 def test_missing_qemu_on_the_remote(state, hosts):
     hosts.qemu = "qemu-system-nosuch"
-    with pytest.raises(InputError) as exc:
+    with pytest.raises(HostSetupError) as exc:
         prepare_hosts(hosts)
-    assert exc.value.exit_code == 2 and "qemu-system-nosuch" in str(exc.value)
+    assert exc.value.exit_code == 3 and "qemu-system-nosuch" in str(exc.value)
+    # the same QEMU missing on this machine (one of the two hosts) is an input error, as in a one-host run
+    with pytest.raises(InputError) as exc:
+        LocalHost().probe_qemu("qemu-system-nosuch")
+    assert exc.value.exit_code == 2
+
+
+def _other_version_qemu(directory: Path, version: str = "7.2.99") -> Path:
+    """The real qemu-system-arm, except that `--version` reports another version (same major
+    and minor, so dirtylog builds the same command line for it)."""
+    w = directory / "qemu-other-version"
+    w.write_text(f'#!/bin/sh\ncase "$1" in --version|-version) echo "QEMU emulator version {version}"; exit 0;; esac\n'
+                 f'exec {shutil.which("qemu-system-arm")} "$@"\n')
+    w.chmod(0o755)
+    return w
+
+
+def test_different_qemu_versions_are_refused_unless_allowed(hosts, tmp_path):
+    hosts.qemu_dst = str(_other_version_qemu(tmp_path))
+    real = prepare_hosts(TwoHosts(hosts.src, hosts.dst, DST_MIG))["src"].version_str
+    t0 = time.monotonic()
+    with pytest.raises(HostSetupError) as exc:
+        prepare_hosts(hosts)
+    msg = str(exc.value)
+    print(f"QEMU mismatch refused after {time.monotonic() - t0:.1f} s: {msg}")
+    assert exc.value.exit_code == 3 and "\n" not in msg
+    assert f"{real} on {SRC}" in msg and f"7.2.99 on {DST}" in msg and "--allow-qemu-mismatch" in msg
+    hosts.allow_qemu_mismatch = True
+    rep = qemu_report(hosts, prepare_hosts(hosts))
+    assert (rep["src"]["version"], rep["dst"]["version"]) == (real, "7.2.99")
+    assert rep["dst"]["path"].endswith("qemu-other-version") and rep["mismatch_allowed"] and not rep["same_version"]
+
+
+def _other_qemu_build() -> str | None:
+    """A QEMU built by `dirtylog build --qemu patched` whose version differs from the system's."""
+    system = _QEMU_VERSION.split("version ")[1].split()[0] if "version " in _QEMU_VERSION else None
+    for b in sorted(Path.home().glob(".cache/dirtylog/qemu-builds/*/bin/qemu-system-arm")):
+        out = subprocess.run([b, "--version"], capture_output=True, text=True, timeout=30).stdout
+        if "version " in out and out.split("version ")[1].split()[0] != system:
+            return str(b)
+    return None
+
+
+def test_cli_different_qemu_on_the_destination_exits_3(state, artifacts, tmp_path):
+    from conftest import run_dirtylog
+    other = _other_qemu_build()
+    if other is None:
+        pytest.skip("no QEMU build of another version in ~/.cache/dirtylog/qemu-builds")
+    base = f"/var/tmp/dlt-{secrets.token_hex(3)}"
+    t0 = time.monotonic()
+    res = run_dirtylog("verify", "--artifacts", artifacts, "--machine", "virt", "--mem", "128", "--src-host", SRC,
+                       "--dst-host", DST, "--migration-address", DST_MIG, "--dst-qemu", other,
+                       "--ssh-identity", state / "ssh" / "id_ed25519", "--known-hosts", state / "ssh" / "known_hosts",
+                       "--remote-dir", base, "--run-dir", tmp_path / "run", timeout=120)
+    elapsed = time.monotonic() - t0
+    last = res.stderr.strip().splitlines()[-1]
+    print(f"QEMU {other} on the destination: exit {res.returncode} after {elapsed:.1f} s: {last}")
+    try:
+        assert res.returncode == 3 and "Traceback" not in res.stderr
+        assert last.startswith("dirtylog: error: QEMU differs between the hosts") and other in last
+        assert LocalHost().qemu_pids(base) == []  # nothing started (the namespaces share /proc)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 # -- migrations ------------------------------------------------------------------------------
@@ -225,6 +289,74 @@ def test_migration_across_namespaces_passes(hosts, artifacts, tmp_path):
     print(f"pass: {trial.timings}, moved {t['bytes_moved']} bytes of {t['image_bytes']}")
 
 
+def test_destination_invariant_on_remote_headers_matches_the_whole_image(hosts, tmp_path):
+    """The destination host sends the 40-byte dirtyram headers with its digests; the invariant
+    checked on them finds exactly what it finds on the whole image."""
+    from verifier.diagnosis import destination_invariant
+    from verifier.pageheader import encode
+    size, total = 4 << 20, 64
+    img = bytearray(os.urandom(size))
+    for i in range(total):  # one instance, one pass written, page 5 left a generation behind
+        off = (100 + i) * 4096
+        img[off:off + 40] = encode(7, i, total, 0 if i == 5 else 1, total + i, 0)
+    (tmp_path / "dst.img").write_bytes(img)
+    hosts.src.put(tmp_path / "dst.img", f"{hosts.src.base_dir}/s.img")
+    hosts.dst.put(tmp_path / "dst.img", f"{hosts.dst.base_dir}/d.img")
+    _, fig = compare_remote_images(RemoteImage(hosts.src, f"{hosts.src.base_dir}/s.img"),
+                                   RemoteImage(hosts.dst, f"{hosts.dst.base_dir}/d.img"), size, tmp_path)
+    assert fig["dst_headers"] == total and fig["header_bytes"] < total * 100 and fig["page_bytes"] == 0
+    remote = [f.to_dict() for f in destination_invariant(Path(fig["dst_headers_image"]), base=0x40000000)]
+    whole = [f.to_dict() for f in destination_invariant(tmp_path / "dst.img", base=0x40000000)]
+    assert remote == whole and any(f["kind"] == "lost-write" and f["page_index"] == 5 for f in remote), remote
+
+
+@pytest.fixture
+def mixed_hosts(state):
+    """TwoHosts with either side on this machine (LocalHost) or in a namespace over SSH."""
+    base = f"/var/tmp/dlt-{secrets.token_hex(3)}"  # short: QEMU's unix sockets live below it
+
+    def make(src_local: bool, dst_local: bool, address: str) -> TwoHosts:
+        def host(local, side, target):
+            return (LocalHost(base_dir=f"{base}/{side}") if local
+                    else SshHost(target, _opts(state), base_dir=f"{base}/{side}"))
+        return TwoHosts(host(src_local, "src", SRC), host(dst_local, "dst", DST), address)
+
+    yield make
+    left = LocalHost().qemu_pids(base)  # the namespaces share this machine's /proc and /var/tmp
+    shutil.rmtree(base, ignore_errors=True)
+    assert not left, f"QEMU processes left behind: {left}"
+
+
+def _assert_verified(trial, uri_prefix: str):
+    if _known_72_loss(trial):
+        pytest.xfail(f"QEMU 7.2 lost dirty pages after {trial.migration['dirty_sync_count']} passes")
+    assert trial.verdict == "pass", (trial.compare, trial.resume)
+    assert trial.resume["ok"] and trial.migration["status"] == "completed"
+    assert trial.compare["hosts"]["migration_uri"].startswith(uri_prefix)
+    assert trial.compare["page_count"] == 128 * 256 and trial.compare["diff_count"] == 0
+    assert trial.compare["destination_invariant"].startswith("checked")
+    assert not [f for f in trial.destination_invariant if f["severity"] == "error"], trial.destination_invariant
+    t = trial.compare["transfer"]
+    assert t["dst_headers"] > 0 and t["page_bytes"] == 0 and t["bytes_moved"] < t["image_bytes"] // 50
+    return t
+
+
+def test_local_source_remote_destination(mixed_hosts, artifacts, tmp_path):
+    h = mixed_hosts(True, False, "10.241.2.2")  # this machine -> dlt-dst over its control link
+    trial = _trial(tmp_path, artifacts, h, StepReporter(), workloads=(Workload(256, 16, 100),))
+    t = _assert_verified(trial, "tcp:10.241.2.2:")
+    assert trial.compare["hosts"]["src"] == "localhost" and trial.compare["hosts"]["dst"] == DST
+    print(f"local -> {DST}: {trial.timings}, moved {t['bytes_moved']} bytes of {t['image_bytes']}")
+
+
+def test_remote_source_local_destination(mixed_hosts, artifacts, tmp_path):
+    h = mixed_hosts(False, True, "10.241.1.1")  # dlt-src -> this machine's end of its control link
+    trial = _trial(tmp_path, artifacts, h, StepReporter(), workloads=(Workload(256, 16, 100),))
+    t = _assert_verified(trial, "tcp:10.241.1.1:")
+    assert trial.compare["hosts"]["src"] == SRC and trial.compare["hosts"]["dst"] == "localhost"
+    print(f"{SRC} -> local: {trial.timings}, moved {t['bytes_moved']} bytes of {t['image_bytes']}")
+
+
 def test_link_cut_mid_migration_fails_fast_and_leaves_no_qemu(state, hosts, artifacts, tmp_path):
     cut = {}
 
@@ -245,6 +377,80 @@ def test_link_cut_mid_migration_fails_fast_and_leaves_no_qemu(state, hosts, arti
     assert "\n" not in str(exc.value)
     assert elapsed < 60, elapsed
     # the hosts fixture asserts that no QEMU is left on either side
+
+
+def _wait_reachable(host, timeout: float = 30.0) -> None:
+    """After a control link comes back up, until the host answers again (the neighbour entry
+    of the cut address fails connects with 'no route to host' for a few seconds)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            host.check()
+            return
+        except VerifyError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def test_agent_ends_qemu_when_the_heartbeat_stops(tmp_path):
+    """A cut control link gives the agent no EOF: silence on stdin for --heartbeat S ends QEMU
+    (here `sleep` stands in for QEMU)."""
+    import sys
+    from verifier.remote import AGENT_SOURCE
+    agent = subprocess.Popen([sys.executable, AGENT_SOURCE, "qemu", "--heartbeat", "2", "--dir", tmp_path, "--",
+                              "sleep", "600"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        t0 = time.monotonic()
+        for _ in range(3):  # heard: still running
+            agent.stdin.write("\n")
+            agent.stdin.flush()
+            time.sleep(1)
+        assert agent.poll() is None
+        agent.wait(timeout=15)  # stdin stays open and silent
+        elapsed = time.monotonic() - t0
+        out = agent.stdout.read()
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+        agent.stdin.close()
+        agent.wait()
+    assert "EXIT" in out and elapsed < 10, (out, elapsed)
+    log = (tmp_path / "qemu.log").read_text()
+    assert "no heartbeat from the controller" in log, log
+
+
+def test_control_link_cut_mid_migration_fails_and_the_remote_qemu_ends(state, hosts, artifacts, tmp_path):
+    """The destination's control link (SSH: QMP, serial, agent) goes down mid-migration and
+    stays down: the run fails with one line, exit 3, and the destination's QEMU ends by itself."""
+    cut = {}
+
+    def ctl(up: bool):
+        subprocess.run(["ip", "-n", "dlt-dst", "link", "set", "ctl0", "up" if up else "down"], check=True)
+
+    def on_sample(info):
+        if not cut and info.get("status") == "active" and (info.get("ram") or {}).get("transferred", 0) > 1 << 20:
+            ctl(up=False)
+            cut["t"] = time.monotonic()
+
+    try:
+        with pytest.raises(VerifyError) as exc:
+            _trial(tmp_path, artifacts, hosts, StepReporter(on_sample), max_bandwidth=1 << 20,
+                   workloads=(Workload(64, 1, 1000),))
+        failed = time.monotonic() - cut["t"]
+        deadline = time.monotonic() + 45
+        while LocalHost().qemu_pids(hosts.dst.base_dir) and time.monotonic() < deadline:
+            time.sleep(0.5)  # the namespaces share this machine's /proc
+        gone = time.monotonic() - cut["t"]
+        left = LocalHost().qemu_pids(hosts.dst.base_dir)
+    finally:
+        ctl(up=True)
+        _wait_reachable(hosts.dst)
+    print(f"control link cut: error after {failed:.1f} s, destination QEMU gone after {gone:.1f} s: {exc.value}")
+    # the controller's ssh gives up first (ServerAlive: 15-20 s), before the agent's heartbeat
+    # timeout (30 s) or sshd's ClientAlive (30 s in two-hosts.sh) end the destination's QEMU
+    assert exc.value.exit_code == 3 and "\n" not in str(exc.value) and "control connection" in str(exc.value)
+    assert failed < 40 and gone < 50 and not left, left
 
 
 def test_short_link_cut_is_survived(state, hosts, artifacts, tmp_path):
@@ -295,6 +501,35 @@ def test_watchdog_ends_remote_qemu_when_ssh_dies(hosts, artifacts, tmp_path):
         shutil.rmtree(sock_dir, ignore_errors=True)
 
 
+def test_idle_remote_qemu_ends_when_its_control_link_is_cut(state, hosts, artifacts, tmp_path):
+    """No migration to break: only the agent (heartbeat) or sshd (ClientAlive) can end it."""
+    from verifier.remote import HEARTBEAT_TIMEOUT_S, RemoteQemu, short_socket_dir
+    binaries = prepare_hosts(hosts)
+    kernel, _ = hosts.dst.put_cached(load_artifacts(artifacts).kernel)
+    rdir = f"{hosts.dst.base_dir}/runs/ctl-cut"
+    sock_dir = short_socket_dir()
+    q = RemoteQemu(hosts.dst, binaries["dst"], ["-M", "virt", "-m", "64M", "-kernel", kernel, "-S",
+                                                "-display", "none", "-nodefaults"], tmp_path, rdir, "dst", sock_dir)
+    q.start()
+    link = ["ip", "-n", "dlt-dst", "link", "set", "ctl0"]
+    try:
+        assert LocalHost().qemu_pids(rdir) == [q.remote_pid]
+        subprocess.run(link + ["down"], check=True)
+        t0 = time.monotonic()
+        while LocalHost().qemu_pids(rdir) and time.monotonic() - t0 < HEARTBEAT_TIMEOUT_S + 20:
+            time.sleep(0.5)
+        gone = time.monotonic() - t0
+        assert LocalHost().qemu_pids(rdir) == [], "the remote QEMU outlived its control connection"
+    finally:
+        subprocess.run(link + ["up"], check=True)
+        q.close()
+        _wait_reachable(hosts.dst)
+        shutil.rmtree(sock_dir, ignore_errors=True)
+    reason = [l for l in Path(rdir, "qemu.log").read_text().splitlines() if "stopping QEMU" in l]
+    print(f"control link cut, idle QEMU ended after {gone:.1f} s: {reason}")
+    assert gone < HEARTBEAT_TIMEOUT_S + 10 and reason
+
+
 def test_remote_qemu_killed_is_a_qemu_error(state, hosts, artifacts, tmp_path):
     def on_sample(info):
         if (info.get("ram") or {}).get("transferred", 0) > 1 << 20:
@@ -326,17 +561,27 @@ def test_cli_verify_across_hosts(state, artifacts, tmp_path):
               state / "ssh" / "id_ed25519", "--remote-dir", base]
     try:
         res = run_dirtylog(*common, "--known-hosts", state / "ssh" / "known_hosts",
-                           "--run-dir", tmp_path / "run", timeout=600)
+                           "--run-dir", tmp_path / "run", "--json", tmp_path / "r.json", timeout=600)
         assert res.returncode in (0, 1), res.stderr
         if res.returncode == 1:
             assert "dirty syncs" in res.stdout
         else:
             assert "PASS" in res.stdout
+        report = json.loads((tmp_path / "r.json").read_text())
+        q = report["qemu"]
+        assert q["src"]["host"] == SRC and q["dst"]["host"] == DST
+        assert q["src"]["version"] == q["dst"]["version"] == q["version"] and q["same_version"]
+        trial = report["trials"][0]
+        assert trial["compare"]["destination_invariant"].startswith("checked")
+        assert trial["compare"]["transfer"]["dst_headers"] > 0
         empty = tmp_path / "empty"
         empty.write_text("")
+        t0 = time.monotonic()
         res = run_dirtylog(*common, "--known-hosts", empty, "--run-dir", tmp_path / "run2", timeout=120)
-        assert res.returncode == 2
+        print(f"unknown host key: exit {res.returncode} after {time.monotonic() - t0:.1f} s")
+        assert res.returncode == 3
         assert res.stderr.strip().splitlines()[-1].startswith("dirtylog: error: ") and "host key" in res.stderr
+        assert "Traceback" not in res.stderr
     finally:
         SshHost(DST, _opts(state)).run(["rm", "-rf", base], check=False)
 

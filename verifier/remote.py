@@ -15,9 +15,11 @@ Design:
   (`remote_agent.py digest`); only the pages whose digests differ are fetched (from both sides)
   into local sparse images at their offsets, so `verifier.diagnosis.analyse` and the report work
   on them. The bytes moved are counted.
-- Failures are one-line typed errors: host key and authentication problems and a missing QEMU
-  or python3 on a host are input errors (exit 2); an unreachable host, a lost link, a killed
-  remote QEMU are infrastructure failures (exit 3).
+- Failures are one-line typed errors, all infrastructure failures (exit 3) as issue #7 asks:
+  an unreachable host, an unknown or changed host key, a refused key, a missing or too old
+  QEMU (or python3) on a remote host, QEMUs of different versions on the two hosts (unless
+  allowed), a lost link, a killed remote QEMU. (Only the local machine's own QEMU, when it is
+  one of the two hosts, is an input error as in a one-host run.)
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ from .qemu import QemuBinary, QemuProcess, SerialConsole, _shell_quote
 AGENT_SOURCE = Path(__file__).with_name("remote_agent.py")
 DEFAULT_REMOTE_BASE = "/var/tmp/dirtylog-remote"
 SSH_CONNECT_TIMEOUT_S = 10
+HEARTBEAT_INTERVAL_S = 2.0  # the controller writes a byte to each remote agent this often
+HEARTBEAT_TIMEOUT_S = 30.0  # an agent that hears nothing this long ends its QEMU (after our ssh's
+# own ServerAlive gives up, 15-20 s, so the controller reports the lost connection first)
 COMMAND_TIMEOUT_S = 60.0
 
 
@@ -55,12 +60,17 @@ class HostUnreachable(VerifyError):
     """The host does not answer (no route, refused, timeout): exit 3."""
 
 
-class HostKeyError(InputError):
-    """The host's key is not in the known_hosts file, or differs from it: exit 2."""
+class HostKeyError(VerifyError):
+    """The host's key is not in the known_hosts file, or differs from it: exit 3."""
 
 
-class HostAuthError(InputError):
-    """The host refused our key: exit 2."""
+class HostAuthError(VerifyError):
+    """The host refused our key: exit 3."""
+
+
+class HostSetupError(VerifyError):
+    """A remote host lacks what dirtylog needs there (QEMU, python3), or its QEMU is not the
+    other host's version: exit 3."""
 
 
 class RemoteCommandError(VerifyError):
@@ -122,6 +132,11 @@ class Host:
 
     is_ssh = False
 
+    def setup_error(self, msg: str) -> VerifyError:
+        """What a host lacking QEMU or python3 raises: an infrastructure failure on a remote
+        host (exit 3), an input error on this machine (exit 2, as in a one-host run)."""
+        return HostSetupError(msg) if self.is_ssh else InputError(msg)
+
     def sh(self, script: str, **kw) -> subprocess.CompletedProcess:
         return self.run(["sh", "-c", script], **kw)
 
@@ -131,7 +146,7 @@ class Host:
                       what="connect", timeout=SSH_CONNECT_TIMEOUT_S + 20)
         out = res.stdout.decode().strip()
         if out == "nopython":
-            raise InputError(f"{self.name}: no {self.python} on the host (dirtylog's remote agent needs it)")
+            raise self.setup_error(f"{self.name}: no {self.python} on the host (dirtylog's remote agent needs it)")
         return out
 
     def probe_qemu(self, name: str) -> QemuBinary:
@@ -140,15 +155,15 @@ class Host:
         res = self.sh(f"p=$(command -v {shlex.quote(name)}) || exit 127; echo \"$p\"; \"$p\" --version",
                       check=False, what=f"{name} --version")
         if res.returncode == 127:
-            raise InputError(f"{self.name}: QEMU binary not found: {name} (install qemu-system-arm there)")
+            raise self.setup_error(f"{self.name}: QEMU binary not found: {name} (install qemu-system-arm there)")
         lines = res.stdout.decode(errors="replace").splitlines()
         path, first = (lines + ["", ""])[:2]
         m = re.search(r"QEMU emulator version (\d+)\.(\d+)(?:\.(\d+))?", first)
         if res.returncode != 0 or not m:
-            raise InputError(f"{self.name}: {name} does not look like a QEMU system emulator ({first!r})")
+            raise self.setup_error(f"{self.name}: {name} does not look like a QEMU system emulator ({first!r})")
         version = (int(m.group(1)), int(m.group(2)), int(m.group(3) or 0))
         if version[:2] < MIN_QEMU_VERSION:
-            raise InputError(f"{self.name}: {path} is QEMU {'.'.join(map(str, version))}; dirtylog needs "
+            raise self.setup_error(f"{self.name}: {path} is QEMU {'.'.join(map(str, version))}; dirtylog needs "
                              f"{'.'.join(map(str, MIN_QEMU_VERSION))} or newer")
         return QemuBinary(path=path, version=version, version_text=first.strip())
 
@@ -315,11 +330,13 @@ class RemoteQemu(QemuProcess):
         for p in (lqmp, lser):
             Path(p).unlink(missing_ok=True)
         try:
-            self.proc = self.host.popen_agent(["qemu", "--dir", self.remote_dir, "--", *self.cmdline],
+            self.proc = self.host.popen_agent(["qemu", "--heartbeat", str(HEARTBEAT_TIMEOUT_S), "--dir",
+                                               self.remote_dir, "--", *self.cmdline],
                                               forwards, stderr=self._err_file)
         except OSError as exc:
             raise QemuError(f"{self.name} QEMU on {self.host.name}: cannot start ssh: {exc}") from None
         threading.Thread(target=self._read_agent, daemon=True).start()
+        threading.Thread(target=self._heartbeat, args=(self.proc,), daemon=True).start()
         if not self._wait_line(lambda l: l == "READY" or l.startswith(("EXIT", "NOEXEC")), self.start_timeout):
             self._start_failed("did not start within %.0f s" % self.start_timeout)
         if not any(l == "READY" for l in self._lines):
@@ -335,6 +352,17 @@ class RemoteQemu(QemuProcess):
             self._raise_dead(f"QMP handshake over the forwarded socket failed ({type(exc).__name__})")
         if resume:
             self.qmp("cont")
+
+    def _heartbeat(self, proc: subprocess.Popen) -> None:
+        """Tell the agent every HEARTBEAT_INTERVAL_S that its controller is alive; stops when
+        the agent's stdin is closed (close()) or broken."""
+        while proc.poll() is None:
+            try:
+                proc.stdin.write(b"\n")
+                proc.stdin.flush()
+            except (OSError, ValueError):
+                return
+            time.sleep(HEARTBEAT_INTERVAL_S)
 
     def _read_agent(self) -> None:
         for raw in self.proc.stdout:
@@ -378,13 +406,20 @@ class RemoteQemu(QemuProcess):
             raise _classify_ssh_failure(self.host.name, self._ssh_stderr(), f"starting the {self.name} QEMU")
         noexec = [l for l in self._lines if l.startswith("NOEXEC")]
         if noexec:
-            raise InputError(f"{self.name} QEMU on {self.host.name}: cannot run {self.binary.path}: {noexec[0][7:]}")
+            raise self.host.setup_error(f"{self.name} QEMU on {self.host.name}: cannot run {self.binary.path}: {noexec[0][7:]}")
         self._raise_dead(what)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None and self.exit_status is None
 
     def output_tail(self, lines: int = 8) -> str:
+        if (self.exit_status is None and self.proc is not None and self.proc.poll() == 255
+                and isinstance(self.host, SshHost)):
+            # ssh gave up (ServerAlive): the QEMU may still run there until its agent's heartbeat
+            # timeout ends it; asking the host for its log would only wait for the same timeout
+            ssh_err = " ".join(self._ssh_stderr().split())
+            return (f"the control connection to {self.host.name} was lost; its agent ends the QEMU within "
+                    f"{HEARTBEAT_TIMEOUT_S:.0f} s" + (f" | ssh: {ssh_err[-200:]}" if ssh_err else ""))
         try:
             res = self.host.run(["tail", "-n", str(lines), f"{self.remote_dir}/qemu.log"], timeout=15,
                                 check=False, what="tail qemu.log")
@@ -481,13 +516,39 @@ class RemoteImage:
     path: str  # on the host
 
 
-def remote_digests(img: RemoteImage, size: int, page_size: int = DEFAULT_PAGE_SIZE) -> list[bytes]:
+def remote_digests(img: RemoteImage, size: int, page_size: int = DEFAULT_PAGE_SIZE,
+                   headers: bool = False) -> tuple[list[bytes], list[tuple[int, bytes]], int]:
+    """Page digests of a remote image, and with `headers` the 40-byte dirtyram header of every
+    page that starts with one (read in the same pass on the host). Returns (digests,
+    [(page, header)], bytes received)."""
     pages = -(-size // page_size)
-    res = img.host.agent("digest", img.path, "--page-size", str(page_size), timeout=600)
-    lines = res.stdout.split()
-    if len(lines) != pages:
-        raise RemoteCommandError(f"{img.host.name}: digest of {img.path} has {len(lines)} pages, expected {pages}")
-    return lines
+    res = img.host.agent("digest", img.path, "--page-size", str(page_size), *(["--headers"] if headers else []),
+                         timeout=600)
+    lines = res.stdout.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    digests, heads = lines[:pages], []
+    for line in lines[pages:]:
+        parts = line.split()
+        if len(parts) != 3 or parts[0] != b"H" or len(parts[2]) != 2 * HEADER_BYTES:
+            raise RemoteCommandError(f"{img.host.name}: unexpected digest output line {line[:60]!r}")
+        heads.append((int(parts[1]), bytes.fromhex(parts[2].decode())))
+    if len(digests) != pages or any(d.startswith(b"H ") for d in digests):
+        raise RemoteCommandError(f"{img.host.name}: digest of {img.path} has {len(digests)} pages, expected {pages}")
+    return digests, heads, len(res.stdout)
+
+
+HEADER_BYTES = 40  # a dirtyram page header (verifier.pageheader.HEADER_SIZE)
+
+
+def write_headers_image(heads: list[tuple[int, bytes]], path: Path, size: int,
+                        page_size: int = DEFAULT_PAGE_SIZE) -> None:
+    """A sparse image holding only the given page headers at their pages: what the
+    destination-only invariant reads (the first 40 bytes of each page)."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for page, head in heads:
+            os.pwrite(f.fileno(), head, page * page_size)
 
 
 def fetch_pages(img: RemoteImage, pages: list[int], local: Path, size: int,
@@ -515,11 +576,15 @@ def compare_remote_images(src: RemoteImage, dst: RemoteImage, size: int, local_d
     transfer figures. Pages that are equal are zero in the local sparse images."""
     t0 = time.perf_counter()
     with ThreadPoolExecutor(2) as pool:
-        fs, fd = pool.submit(remote_digests, src, size, page_size), pool.submit(remote_digests, dst, size, page_size)
-        ds, dd = fs.result(), fd.result()
+        fs = pool.submit(remote_digests, src, size, page_size)
+        fd = pool.submit(remote_digests, dst, size, page_size, True)
+        (ds, _, src_bytes), (dd, heads, dst_bytes) = fs.result(), fd.result()
     diff = array("Q", (i for i, (a, b) in enumerate(zip(ds, dd)) if a != b))
     digest_bytes = sum(len(x) + 1 for x in ds) + sum(len(x) + 1 for x in dd)
-    local = {"src": local_dir / "ram-src.img", "dst": local_dir / "ram-dst.img"}
+    header_bytes = src_bytes + dst_bytes - digest_bytes
+    local = {"src": local_dir / "ram-src.img", "dst": local_dir / "ram-dst.img",
+             "dst_headers": local_dir / "dst-headers.img"}
+    write_headers_image(heads, local["dst_headers"], size, page_size)
     with ThreadPoolExecutor(2) as pool:
         fs = pool.submit(fetch_pages, src, list(diff), local["src"], size, page_size)
         fd = pool.submit(fetch_pages, dst, list(diff), local["dst"], size, page_size)
@@ -528,7 +593,8 @@ def compare_remote_images(src: RemoteImage, dst: RemoteImage, size: int, local_d
                            page_count=-(-size // page_size), diff_pages=diff, bytes_compared=size,
                            elapsed=time.perf_counter() - t0)
     figures = {"method": "remote page digests (blake2b-16)", "digest_bytes": digest_bytes,
-               "page_bytes": page_bytes, "bytes_moved": digest_bytes + page_bytes,
+               "header_bytes": header_bytes, "dst_headers": len(heads), "dst_headers_image": str(local["dst_headers"]),
+               "page_bytes": page_bytes, "bytes_moved": digest_bytes + header_bytes + page_bytes,
                "image_bytes": 2 * size, "local_images": "sparse: only the differing pages",
                "src": f"{src.host.name}:{src.path}", "dst": f"{dst.host.name}:{dst.path}"}
     return result, figures
@@ -541,7 +607,12 @@ class TwoHosts:
     src: Host
     dst: Host
     migration_address: str  # where the destination listens (an address of the dst host)
-    qemu: str = "qemu-system-arm"  # the binary's name on both hosts
+    qemu: str = "qemu-system-arm"  # the binary's name on both hosts (the source's when qemu_dst is set)
+    qemu_dst: str | None = None  # the destination's, when it differs (cross-version migrations)
+    allow_qemu_mismatch: bool = False  # QEMUs of different versions on the two hosts are refused unless set
+
+    def qemu_name(self, side: str) -> str:
+        return self.qemu_dst if side == "dst" and self.qemu_dst else self.qemu
 
 
 def make_host(spec: str | None, ssh: SshOptions, base_dir: str = DEFAULT_REMOTE_BASE) -> Host:
@@ -588,17 +659,41 @@ def hosts_from_options(opts, machine) -> TwoHosts:
                      known_hosts=str(opts.known_hosts) if opts.known_hosts else None)
     base = getattr(opts, "remote_dir", None) or DEFAULT_REMOTE_BASE
     return TwoHosts(src=make_host(opts.src_host, ssh, base), dst=make_host(opts.dst_host, ssh, base),
-                    migration_address=opts.migration_address, qemu=opts.qemu or machine.qemu_binary)
+                    migration_address=opts.migration_address, qemu=opts.qemu or machine.qemu_binary,
+                    qemu_dst=getattr(opts, "dst_qemu", None),
+                    allow_qemu_mismatch=bool(getattr(opts, "allow_qemu_mismatch", False)))
 
 
 def prepare_hosts(hosts: TwoHosts) -> dict[str, QemuBinary]:
-    """Reach both hosts (typed errors), find QEMU on each; returns {'src': ..., 'dst': ...}."""
+    """Reach both hosts (typed errors), find QEMU on each and check that both are the same
+    version (`--version`), unless hosts.allow_qemu_mismatch; returns {'src': ..., 'dst': ...}.
+    Nothing is started: a refusal leaves no QEMU behind."""
     out = {}
     for side, host in (("src", hosts.src), ("dst", hosts.dst)):
         host.check()
-        out[side] = host.probe_qemu(hosts.qemu)
+        out[side] = host.probe_qemu(hosts.qemu_name(side))
         host.agent_path()
+    check_same_qemu(hosts, out)
     return out
+
+
+def check_same_qemu(hosts: TwoHosts, binaries: dict[str, QemuBinary]) -> None:
+    """Source and destination QEMU must report the same version number (a different package
+    revision of the same version is accepted; both lines are in the report)."""
+    s, d = binaries["src"], binaries["dst"]
+    if s.version == d.version or hosts.allow_qemu_mismatch:
+        return
+    raise HostSetupError(f"QEMU differs between the hosts: {s.version_str} on {hosts.src.name} ({s.path}) but "
+                         f"{d.version_str} on {hosts.dst.name} ({d.path}); install the same version on both, or "
+                         f"pass --allow-qemu-mismatch to test a cross-version migration")
+
+
+def qemu_report(hosts: TwoHosts, binaries: dict[str, QemuBinary]) -> dict:
+    """Both QEMUs for report.json's `qemu` object (a two-host run)."""
+    side = {k: {"host": h.name, "path": binaries[k].path, "version": binaries[k].version_str,
+                "version_text": binaries[k].version_text} for k, h in (("src", hosts.src), ("dst", hosts.dst))}
+    return {**side, "same_version": binaries["src"].version == binaries["dst"].version,
+            "mismatch_allowed": hosts.allow_qemu_mismatch}
 
 
 def run_two_host_trial(trial, art, opts, hosts: TwoHosts, machine, accel: tuple[str, str],
@@ -696,7 +791,7 @@ def run_two_host_trial(trial, art, opts, hosts: TwoHosts, machine, accel: tuple[
     t_cmp = time.monotonic()
     cmp, transfer = compare_remote_images(images["src"], images["dst"], size, tdir)
     trial.timings["compare_s"] = round(time.monotonic() - t_cmp, 3)
-    diagnose_remote(trial, cmp, machine.ram_base)
+    diagnose_remote(trial, cmp, machine.ram_base, Path(transfer["dst_headers_image"]))
     trial.compare["transfer"] = transfer
     trial.compare["hosts"] = host_info
     trial.images = {side: f"{img.host.name}:{img.path}" for side, img in images.items()}
@@ -707,10 +802,11 @@ def run_two_host_trial(trial, art, opts, hosts: TwoHosts, machine, accel: tuple[
     trial.timings["total_s"] = round(time.monotonic() - t_start, 3)
 
 
-def diagnose_remote(trial, result: CompareResult, ram_base: int) -> None:
-    """verifier.report.diagnose_trial without the destination-invariant scan, which needs the
-    whole destination image (only differing pages are here)."""
-    from .diagnosis import analyse
+def diagnose_remote(trial, result: CompareResult, ram_base: int, dst_headers: Path | None = None) -> None:
+    """verifier.report.diagnose_trial on the fetched pages. The destination-only invariant
+    reads only the dirtyram page headers, so it runs on `dst_headers` (a sparse image of the
+    headers the destination host sent with its digests); without it, it is not checked."""
+    from .diagnosis import analyse, destination_invariant
     trial.compare = result.to_dict()
     trial.compare["ram_base"] = hex(ram_base)
     analysis = analyse(result, ram_base)
@@ -718,7 +814,11 @@ def diagnose_remote(trial, result: CompareResult, ram_base: int) -> None:
     trial.compare["diagnosis_counts"] = {k: n for k, n in analysis.counts.items() if n}
     trial.compare["undiagnosed"] = analysis.undiagnosed
     trial.differences = [r.to_dict() for r in analysis.ranges]
-    trial.destination_invariant = []
-    trial.compare["destination_invariant"] = "not checked (needs the whole destination image)"
+    if dst_headers is not None:
+        trial.destination_invariant = [f.to_dict() for f in destination_invariant(dst_headers, base=ram_base)]
+        trial.compare["destination_invariant"] = "checked on the destination's page headers"
+    else:
+        trial.destination_invariant = []
+        trial.compare["destination_invariant"] = "not checked (no page headers from the destination)"
     resumed = trial.resume.get("ok", True)
     trial.verdict = "pass" if result.identical and resumed else "fail"

@@ -3,14 +3,20 @@
 
 Standard library only, Python 3.6+: it must run on whatever python3 the remote host has.
 
-    remote_agent.py qemu --dir DIR -- QEMU ARGS...
+    remote_agent.py qemu [--heartbeat S] --dir DIR -- QEMU ARGS...
         Runs QEMU in DIR (its working directory; output in DIR/qemu.log) as a watchdog:
         prints "PID n", then "READY" once every unix socket named in a `path=` chardev option
         exists, and "EXIT rc" when QEMU ends; exits with QEMU's status (128+signal if killed).
         EOF on stdin (the controlling ssh session went away), SIGHUP or SIGTERM kill QEMU
         (SIGTERM, SIGKILL 3 s later); QEMU also gets PR_SET_PDEATHSIG, so it never outlives us.
-    remote_agent.py digest IMAGE [--page-size N]
-        One blake2b-16 hex digest per page, one line each, in page order.
+        --heartbeat S: the controller writes to stdin every few seconds; S seconds without a
+        byte also kill QEMU. A cut control link gives no EOF (sshd notices only with its
+        ClientAliveInterval, often off), so this is what bounds it on any host.
+    remote_agent.py digest IMAGE [--page-size N] [--headers]
+        One blake2b-16 hex digest per page, one line each, in page order. --headers: then, for
+        each page whose first 4 bytes are dirtyram's magic "DLPG", a line "H PAGE HEX" with the
+        page's first 40 bytes (its dirtyram header) in hex, so the destination-only invariant
+        can be checked without shipping the image (same single read of the image).
     remote_agent.py pages IMAGE [--page-size N] [p1 p2 ... | -]
         The raw bytes of the given pages, concatenated in the given order ("-": page numbers
         whitespace-separated on stdin).
@@ -49,8 +55,12 @@ def _say(line):
 
 
 def cmd_qemu(argv):
+    heartbeat = None
+    if argv[:1] == ["--heartbeat"] and len(argv) > 1:
+        heartbeat = float(argv[1])
+        argv = argv[2:]
     if len(argv) < 4 or argv[0] != "--dir" or argv[2] != "--":
-        sys.exit("usage: remote_agent.py qemu --dir DIR -- QEMU ARGS...")
+        sys.exit("usage: remote_agent.py qemu [--heartbeat S] --dir DIR -- QEMU ARGS...")
     workdir, qemu = argv[1], argv[3:]
     os.makedirs(workdir, exist_ok=True)
     sockets = []
@@ -99,6 +109,8 @@ def cmd_qemu(argv):
     for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGPIPE):
         signal.signal(sig, on_signal)
 
+    last_heard = [time.monotonic()]
+
     def watch_stdin():
         while True:
             try:
@@ -108,8 +120,19 @@ def cmd_qemu(argv):
             if not data:
                 kill("the controlling session went away (EOF on stdin)")
                 return
+            last_heard[0] = time.monotonic()
+
+    def watch_heartbeat():
+        while proc.poll() is None:
+            silent = time.monotonic() - last_heard[0]
+            if silent > heartbeat:
+                kill("no heartbeat from the controller for %.0f s (control connection lost)" % silent)
+                return
+            time.sleep(0.5)
 
     threading.Thread(target=watch_stdin, daemon=True).start()
+    if heartbeat:
+        threading.Thread(target=watch_heartbeat, daemon=True).start()
     deadline = time.monotonic() + 30
     while proc.poll() is None and not all(os.path.exists(s) for s in sockets):
         if time.monotonic() > deadline:
@@ -133,22 +156,37 @@ def _page_size(argv):
     return PAGE
 
 
+HEADER_MAGIC = b"DLPG"
+HEADER_SIZE = 40
+
+
 def cmd_digest(argv):
     page = _page_size(argv)
+    want_headers = "--headers" in argv
+    if want_headers:
+        argv.remove("--headers")
     out = sys.stdout.buffer
     lines = []
+    headers = []
+    index = 0
     with open(argv[0], "rb", buffering=0) as f:
         while True:
             chunk = f.read(page * 256)
             if not chunk:
                 break
             for o in range(0, len(chunk), page):
-                lines.append(hashlib.blake2b(chunk[o:o + page], digest_size=16).hexdigest().encode())
+                data = chunk[o:o + page]
+                lines.append(hashlib.blake2b(data, digest_size=16).hexdigest().encode())
+                if want_headers and data[:4] == HEADER_MAGIC and len(data) >= HEADER_SIZE:
+                    headers.append(b"H %d %s" % (index, data[:HEADER_SIZE].hex().encode()))
+                index += 1
             if len(lines) >= 4096:
                 out.write(b"\n".join(lines) + b"\n")
                 lines = []
     if lines:
         out.write(b"\n".join(lines) + b"\n")
+    if headers:
+        out.write(b"\n".join(headers) + b"\n")
     out.flush()
 
 
