@@ -97,7 +97,7 @@ class StepReporter(Reporter):
 
 def _trial(tmp_path, artifacts, hosts, reporter, **opt):
     art = load_artifacts(artifacts)
-    opts = VerifyOptions(machine="virt", smp=1, min_passes=1, capture="pmemsave", mem_mb=128, **opt)
+    opts = VerifyOptions(**{"machine": "virt", "smp": 1, "min_passes": 1, "capture": "pmemsave", "mem_mb": 128, **opt})
     opts.check(art)
     machine = MACHINES["virt"]
     trial = TrialResult(index=1, directory=tmp_path / "run" / "trial-01")
@@ -355,6 +355,43 @@ def test_remote_source_local_destination(mixed_hosts, artifacts, tmp_path):
     t = _assert_verified(trial, "tcp:10.241.1.1:")
     assert trial.compare["hosts"]["src"] == SRC and trial.compare["hosts"]["dst"] == "localhost"
     print(f"{SRC} -> local: {trial.timings}, moved {t['bytes_moved']} bytes of {t['image_bytes']}")
+
+
+def _patched_qemu() -> str | None:
+    """A QEMU with -savedirtylog from ~/.cache/dirtylog/qemu-builds (newest version first)."""
+    found = []
+    for b in Path.home().glob(".cache/dirtylog/qemu-builds/*/bin/qemu-system-arm"):
+        try:
+            out = subprocess.run([b, "-help"], capture_output=True, text=True, timeout=30).stdout
+            ver = subprocess.run([b, "--version"], capture_output=True, text=True, timeout=30).stdout.split()
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if "\n-savedirtylog" in out and len(ver) > 3:
+            found.append((tuple(int(x) for x in ver[3].split(".")), str(b)))
+    return max(found)[1] if found else None
+
+
+def test_savedirtylog_asked_for_without_it_is_refused(hosts):
+    from verifier.remote import resolve_capture
+    opts = VerifyOptions(capture="savedirtylog")
+    with pytest.raises(HostSetupError) as exc:
+        resolve_capture(opts, hosts, prepare_hosts(hosts))
+    assert exc.value.exit_code == 3 and "-savedirtylog" in str(exc.value) and SRC in str(exc.value)
+    opts.capture = "auto"
+    assert resolve_capture(opts, hosts, prepare_hosts(hosts)) == "pmemsave" == opts.capture
+
+
+def test_savedirtylog_capture_across_hosts(hosts, artifacts, tmp_path):
+    """Each host's patched QEMU writes its own image at the capture points; then the digests."""
+    qemu = _patched_qemu()
+    if qemu is None:
+        pytest.skip("no QEMU with -savedirtylog in ~/.cache/dirtylog/qemu-builds (dirtylog build --qemu patched)")
+    hosts.qemu = qemu  # the namespaces share this machine's files
+    trial = _trial(tmp_path, artifacts, hosts, StepReporter(), workloads=(Workload(256, 16, 100),), capture="auto")
+    assert trial.compare["hosts"]["capture"] == "savedirtylog"
+    assert any("-savedirtylog" in a for a in trial.cmdlines["src"]) and "ram-dst.img" in trial.cmdlines["dst"]
+    t = _assert_verified(trial, f"tcp:{DST_MIG}:")
+    print(f"-savedirtylog across hosts with {qemu}: {trial.timings}, moved {t['bytes_moved']} bytes")
 
 
 def test_link_cut_mid_migration_fails_fast_and_leaves_no_qemu(state, hosts, artifacts, tmp_path):

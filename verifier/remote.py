@@ -11,7 +11,8 @@ Design:
   stdin from that ssh session and kills QEMU on EOF, so QEMU dies when the controller, the ssh
   process or the session goes away. `RemoteQemu` is a `QemuProcess`, so `run_migration` and
   `_check_destination_runs` drive it unchanged.
-- Capture is `pmemsave` into each host's run directory. Each host digests its image page by page
+- Capture is QEMU's own `-savedirtylog` when both hosts' QEMUs have it (`--capture auto` or
+  `savedirtylog`), else `pmemsave`, into each host's run directory. Each host digests its image page by page
   (`remote_agent.py digest`); only the pages whose digests differ are fetched (from both sides)
   into local sparse images at their offsets, so `verifier.diagnosis.analyse` and the report work
   on them. The bytes moved are counted.
@@ -166,6 +167,12 @@ class Host:
             raise self.setup_error(f"{self.name}: {path} is QEMU {'.'.join(map(str, version))}; dirtylog needs "
                              f"{'.'.join(map(str, MIN_QEMU_VERSION))} or newer")
         return QemuBinary(path=path, version=version, version_text=first.strip())
+
+    def supports_savedirtylog(self, qemu_path: str) -> bool:
+        """Does this host's QEMU list -savedirtylog in its -help?"""
+        res = self.sh(f"{shlex.quote(qemu_path)} -help 2>/dev/null | grep -q '^-savedirtylog' && echo yes || echo no",
+                      check=False, what=f"{qemu_path} -help")
+        return res.stdout.decode().strip() == "yes"
 
     def put(self, local: Path, remote_path: str) -> int:
         """Copy a file; verified by sha256 on arrival; skipped when it is already there.
@@ -634,9 +641,9 @@ def remote_requested(opts) -> bool:
 
 def check_remote_options(opts) -> None:
     """What a two-host run supports today; everything else is refused with one line (exit 2)."""
-    if opts.capture not in ("auto", "pmemsave"):
-        raise InputError(f"--capture {opts.capture}: runs on --src-host/--dst-host capture with pmemsave only")
-    opts.capture = "pmemsave"
+    if opts.capture not in ("auto", "savedirtylog", "pmemsave"):
+        raise InputError(f"--capture {opts.capture}: runs on --src-host/--dst-host capture with savedirtylog "
+                         f"or pmemsave (the RAM backing file would have to be read on the host)")
     if opts.host_backing not in ("auto", "anon", "memfd"):
         raise InputError(f"--host-backing {opts.host_backing}: runs on --src-host/--dst-host support anon and memfd")
     if opts.inject:
@@ -696,11 +703,48 @@ def qemu_report(hosts: TwoHosts, binaries: dict[str, QemuBinary]) -> dict:
             "mismatch_allowed": hosts.allow_qemu_mismatch}
 
 
+def resolve_capture(opts, hosts: TwoHosts, binaries: dict[str, QemuBinary]) -> str:
+    """opts.capture for two hosts: auto is -savedirtylog when both QEMUs have it (and no
+    postcopy), else pmemsave; savedirtylog asked for and missing on a host is refused (exit 3
+    on a remote host, 2 on this machine). Sets opts.capture to the method and returns it."""
+    if opts.capture == "pmemsave":
+        return "pmemsave"
+    have = {side: h.supports_savedirtylog(binaries[side].path) for side, h in (("src", hosts.src), ("dst", hosts.dst))}
+    if opts.capture == "savedirtylog":
+        for side, h in (("src", hosts.src), ("dst", hosts.dst)):
+            if not have[side]:
+                raise h.setup_error(f"--capture savedirtylog: {binaries[side].path} on {h.name} has no -savedirtylog "
+                                    f"option (build the patched QEMU there with `dirtylog build --qemu patched`)")
+    else:
+        opts.capture = "savedirtylog" if all(have.values()) and not opts.postcopy else "pmemsave"
+    return opts.capture
+
+
+def wait_remote_image(proc: "RemoteQemu", path: str, size: int, timeout: float = 60.0) -> None:
+    """-savedirtylog writes PATH.partial and renames it when complete: wait for PATH of `size`
+    bytes on the QEMU's host (normally already there when the migration is over)."""
+    from .errors import CaptureError
+    deadline = time.monotonic() + timeout
+    while True:
+        got = proc.host.agent("size", path).stdout.decode().strip()
+        if got == str(size):
+            return
+        if got != "missing":
+            raise CaptureError(f"-savedirtylog image {proc.host.name}:{path} has {got} bytes instead of {size}")
+        if not proc.alive():
+            raise CaptureError(f"the {proc.name} QEMU on {proc.host.name} exited without writing its "
+                               f"-savedirtylog image {path}")
+        if time.monotonic() > deadline:
+            raise CaptureError(f"the {proc.name} QEMU on {proc.host.name} did not write its -savedirtylog "
+                               f"image {path} within {timeout:.0f} s")
+        time.sleep(0.5)
+
+
 def run_two_host_trial(trial, art, opts, hosts: TwoHosts, machine, accel: tuple[str, str],
                        reporter, binaries: dict[str, QemuBinary] | None = None) -> None:
     """verifier.run._run_trial with the source on hosts.src and the destination on hosts.dst.
 
-    Migration: TCP to hosts.migration_address on a port free there. Capture: pmemsave into each
+    Migration: TCP to hosts.migration_address on a port free there. Capture: -savedirtylog or pmemsave into each
     host's run directory. Comparison: page digests on each host, differing pages fetched.
     Fills `trial` like _run_trial does (plus trial.compare['transfer'] and trial.compare['hosts']).
     """
@@ -714,6 +758,7 @@ def run_two_host_trial(trial, art, opts, hosts: TwoHosts, machine, accel: tuple[
     tdir.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
     binaries = binaries or prepare_hosts(hosts)
+    capture = resolve_capture(opts, hosts, binaries)
     # short: the sockets in it must fit a unix socket path (107 bytes) on the host
     run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}-t{trial.index:02d}"
     remote_dirs = {side: f"{h.base_dir}/runs/{run_id}/{side}" for side, h in (("src", hosts.src), ("dst", hosts.dst))}
@@ -736,7 +781,9 @@ def run_two_host_trial(trial, art, opts, hosts: TwoHosts, machine, accel: tuple[
                           initrd=files[side]["initrd"], append=append, mem_mb=opts.mem_mb, smp=opts.smp,
                           accel=accel[0], cpu=accel[1], host_backing="anon" if opts.host_backing in ("auto", "file")
                           else opts.host_backing, machine_opts=opts.machine_opts)
-        return machine_args(binaries[side], cfg)
+        from .savedirtylog import savedirtylog_args
+        return machine_args(binaries[side], cfg) + (savedirtylog_args(f"ram-{side}.img")
+                                                     if capture == "savedirtylog" else [])
 
     port = int(hosts.dst.agent("free-port", hosts.migration_address).stdout.decode().strip())
     uri = f"tcp:{hosts.migration_address}:{port}"
@@ -744,7 +791,7 @@ def run_two_host_trial(trial, art, opts, hosts: TwoHosts, machine, accel: tuple[
                              timeout_s=opts.migration_timeout_s, capabilities=dict(opts.capabilities),
                              parameters=dict(opts.parameters), postcopy=opts.postcopy)
     sock_dir = short_socket_dir()
-    host_info = {"src": hosts.src.name, "dst": hosts.dst.name, "migration_uri": uri,
+    host_info = {"src": hosts.src.name, "dst": hosts.dst.name, "migration_uri": uri, "capture": capture,
                  "remote_dirs": remote_dirs, "bytes_uploaded": uploaded}
     size = opts.mem_mb * 1024 * 1024
     try:
@@ -768,12 +815,16 @@ def run_two_host_trial(trial, art, opts, hosts: TwoHosts, machine, accel: tuple[
             trial.migration = result.figures
             trial.parameter_changes = result.parameter_changes
             trial.warnings += result.warnings
-            reporter.step(f"trial {trial.index}: capturing guest RAM (pmemsave on each host)")
+            reporter.step(f"trial {trial.index}: capturing guest RAM ({capture} on each host)")
             t_cap = time.monotonic()
-            for proc in (src, dst):
-                proc.qmp("pmemsave", val=machine.ram_base, size=size, filename=f"ram-{proc.name}.img", timeout=300)
             images = {side: RemoteImage(h, f"{remote_dirs[side]}/ram-{side}.img")
                       for side, h in (("src", hosts.src), ("dst", hosts.dst))}
+            for proc in (src, dst):
+                if capture == "savedirtylog":  # written by QEMU itself before the migration ended
+                    wait_remote_image(proc, images[proc.name].path, size)
+                else:
+                    proc.qmp("pmemsave", val=machine.ram_base, size=size, filename=f"ram-{proc.name}.img",
+                             timeout=300)
             for side, img in images.items():
                 got = img.host.agent("size", img.path).stdout.decode().strip()
                 if got != str(size):

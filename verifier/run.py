@@ -136,7 +136,7 @@ def verify(art: GuestArtifacts, opts: VerifyOptions, reporter: Reporter | None =
         _remote.check_remote_options(opts)
         hosts = _remote.hosts_from_options(opts, machine)
         binaries = _remote.prepare_hosts(hosts)  # typed errors: unreachable, host key, auth, no QEMU
-        qemu, capture = binaries["src"], "pmemsave"
+        qemu, capture = binaries["src"], _remote.resolve_capture(opts, hosts, binaries)
         opts.host_backing = "anon" if opts.host_backing == "auto" else opts.host_backing
     else:
         if opts.dst_qemu or opts.allow_qemu_mismatch:
