@@ -623,6 +623,76 @@ def test_cli_verify_across_hosts(state, artifacts, tmp_path):
         SshHost(DST, _opts(state)).run(["rm", "-rf", base], check=False)
 
 
+def test_matrix_host_keys_load_and_reproduce(tmp_path):
+    """src_host/dst_host/... are matrix keys (a list is an axis, as for any key)."""
+    from verifier.matrix import MatrixError, load_matrix, reproducer, verify_options
+    (tmp_path / "ssh").mkdir()
+    m = tmp_path / "m.toml"
+    m.write_text(f"""
+[defaults]
+ssh_identity = "ssh/id"
+known_hosts = "ssh/known_hosts"
+migration_address = "{DST_MIG}"
+
+[[scenario]]
+name = "across"
+src_host = ["local", "{SRC}"]
+dst_host = "{DST}:22"
+allow_qemu_mismatch = true
+""")
+    scenarios = load_matrix(m).scenarios
+    assert [s.name for s in scenarios] == ["across[src_host=local]", f"across[src_host={SRC}]"]
+    p = scenarios[1].params
+    assert p["ssh_identity"] == str(tmp_path / "ssh" / "id") and p["remote_dir"] == "/var/tmp/dirtylog-remote"
+    opts = verify_options(scenarios[1], tmp_path / "run")
+    assert (opts.src_host, opts.dst_host, opts.migration_address, opts.allow_qemu_mismatch) == \
+        (SRC, f"{DST}:22", DST_MIG, True)
+    cmd = reproducer(scenarios[1], tmp_path / "run")
+    assert f"--src-host {SRC} --dst-host {DST}:22 --migration-address {DST_MIG}" in cmd
+    assert "--allow-qemu-mismatch" in cmd and "--remote-dir /var/tmp/dirtylog-remote" in cmd
+    m.write_text('[[scenario]]\nname = "x"\ndst_host = "a b"\n')
+    with pytest.raises(MatrixError, match=r"m.toml:3.*dst_host"):
+        load_matrix(m)
+
+
+def test_matrix_scenario_across_hosts(state, artifacts, tmp_path):
+    """verify --matrix with a two-host scenario: checked, run across the namespaces, reported."""
+    from conftest import run_dirtylog
+    base = f"/var/tmp/dlt-{secrets.token_hex(3)}"
+    m = tmp_path / "m.toml"
+    m.write_text(f"""
+[[scenario]]
+name = "across"
+machine = "virt"
+smp = 1
+mem = 128
+min_passes = 1
+capture = "pmemsave"
+workloads = ["256:16:100"]
+src_host = "{SRC}"
+dst_host = "{DST}"
+migration_address = "{DST_MIG}"
+ssh_identity = "{state / 'ssh' / 'id_ed25519'}"
+known_hosts = "{state / 'ssh' / 'known_hosts'}"
+remote_dir = "{base}"
+""")
+    try:
+        res = run_dirtylog("verify", "--matrix", m, "--artifacts", artifacts, "--run-dir", tmp_path / "run",
+                           timeout=600)
+        report = json.loads((tmp_path / "run" / "matrix-report.json").read_text())
+        sc = report["scenarios"][0]
+        print(f"matrix across hosts: exit {res.returncode}, {sc['status']}, {sc.get('error')}")
+        assert res.returncode in (0, 1), res.stderr
+        assert "--src-host" in sc["command"]
+        trial = sc["report"]["trials"][0]
+        assert trial["compare"]["hosts"]["dst"] == DST and sc["report"]["qemu"]["dst"]["host"] == DST
+        if res.returncode == 1:
+            assert "dirty syncs" in res.stdout + res.stderr or trial["migration"]["dirty_sync_count"] > 2
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+        assert LocalHost().qemu_pids(base) == []
+
+
 def test_remote_qemu_ends_when_the_controller_is_killed(state, hosts, artifacts, tmp_path):
     """SIGKILL of dirtylog itself: the agent's stdin (a pipe from the controller through ssh)
     reaches EOF and the agent ends QEMU."""

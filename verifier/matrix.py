@@ -99,6 +99,14 @@ def _text(v):
     return v
 
 
+def _host(v):
+    """`local` or `[USER@]HOST[:PORT]` (verifier.remote.make_host's syntax)."""
+    _text(v)
+    if v not in ("local", "localhost") and not re.fullmatch(r"([^@:\s]+@)?(\[[^\]]+\]|[^:\s]+)(:\d+)?", v):
+        raise ValueError(f"{v!r}: expected local or [USER@]HOST[:PORT]")
+    return v
+
+
 def _name(v):
     _text(v)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v):
@@ -172,7 +180,18 @@ KEYS = {
     "keep_images": (_bool, False),
     "host_backing": (_choice(HOST_BACKINGS), "auto"),
     "guest_pages": (_choice(GUEST_PAGES), "4k"),
+    # two hosts (verifier.remote): None/"local" runs that side on this machine
+    "src_host": (_host, None),
+    "dst_host": (_host, None),
+    "migration_address": (_text, None),  # None: 127.0.0.1 (verify's default)
+    "ssh_identity": (_text, None),  # relative to the matrix file, like artifacts
+    "known_hosts": (_text, None),
+    "remote_dir": (_text, "/var/tmp/dirtylog-remote"),
+    "dst_qemu": (_text, None),
+    "allow_qemu_mismatch": (_bool, False),
 }
+HOST_KEYS = ("src_host", "dst_host")
+PATH_KEYS = ("artifacts", "ssh_identity", "known_hosts")  # relative to the matrix file
 # Asked for by users, not implemented by the verifier behind a matrix: say so instead of "unknown".
 NOT_SUPPORTED = {
     "arch": "the guest architecture is the artifacts' (their manifest); choose a `machine` of it",
@@ -371,8 +390,9 @@ def load_matrix(path: Path) -> Matrix:
                 raise err("[[scenario", nth, "name", f"scenario '{name}' is already defined at {seen[name]}")
             origin = f"{path}:{line}"
             seen[name] = origin
-            if params["artifacts"] is not None:
-                params["artifacts"] = str((path.parent / params["artifacts"]).resolve())
+            for key in PATH_KEYS:
+                if params[key] is not None:
+                    params[key] = str((path.parent / params[key]).resolve())
             from .workload import check_fits, parse_workload
             try:
                 check_fits(tuple(parse_workload(w) for w in params["workloads"]), params["mem"])
@@ -644,9 +664,21 @@ def reproducer(s: Scenario, run_dir: Path) -> str:
         args += ["--host-backing", p["host_backing"]]
     if p["guest_pages"] != "4k":
         args += ["--guest-pages", p["guest_pages"]]
+    for key in ("src_host", "dst_host", "migration_address", "ssh_identity", "known_hosts", "dst_qemu"):
+        if p[key] is not None:
+            args += ["--" + key.replace("_", "-"), p[key]]
+    if is_two_host(s):
+        args += ["--remote-dir", p["remote_dir"]]
+    if p["allow_qemu_mismatch"]:
+        args.append("--allow-qemu-mismatch")
     if not p["keep_images"]:
         args.append("--delete-images")
     return " ".join(shlex.quote(a) for a in args)
+
+
+def is_two_host(s: Scenario) -> bool:
+    """Does the scenario run a side on another host (or both sides through the host layer)?"""
+    return any(s.params[k] is not None for k in HOST_KEYS)
 
 
 def verify_options(s: Scenario, run_dir: Path):
@@ -659,7 +691,10 @@ def verify_options(s: Scenario, run_dir: Path):
         capture=p["capture"], transport=p["transport"], min_passes=p["min_passes"],
         migration_timeout_s=p["migration_timeout"], boot_timeout_s=p["boot_timeout"],
         delete_images=not p["keep_images"], machine=p["machine"], host_backing=p["host_backing"],
-        guest_pages=p["guest_pages"])
+        guest_pages=p["guest_pages"], src_host=p["src_host"], dst_host=p["dst_host"],
+        migration_address=p["migration_address"] or "127.0.0.1", ssh_identity=p["ssh_identity"],
+        known_hosts=p["known_hosts"], remote_dir=p["remote_dir"], dst_qemu=p["dst_qemu"],
+        allow_qemu_mismatch=p["allow_qemu_mismatch"])
 
 
 def _report_from_traceback(tb):
@@ -782,6 +817,12 @@ def prepare(matrix_file: Path, jobs: int, shard_spec: str | None, artifacts_defa
             if machine.arch != art.arch:
                 raise InputError(f"machine {machine.name} runs {machine.arch} guests; the artifacts in {key} "
                                  f"are {art.arch}")
+            if is_two_host(s):  # QEMU and capture are checked on the hosts when the scenario starts
+                from .remote import check_remote_options
+                check_remote_options(opts)
+                continue
+            if s.params["dst_qemu"] or s.params["allow_qemu_mismatch"]:
+                raise InputError("dst_qemu and allow_qemu_mismatch apply to scenarios with src_host/dst_host")
             binary = s.params["qemu"] or machine.qemu_binary
             if binary not in qemus:
                 qemus[binary] = probe_qemu(binary)
