@@ -67,6 +67,21 @@ def state():
         assert "dlt-src" not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
 
 
+def _qemu_pids(under: str) -> list[int]:
+    """QEMU processes whose working directory is below `under`, from this machine's /proc (the
+    namespaces share it); unlike Host.qemu_pids it copies no agent anywhere."""
+    base = os.path.realpath(under)
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cwd, exe = os.readlink(f"/proc/{pid}/cwd"), os.readlink(f"/proc/{pid}/exe")
+        except OSError:
+            continue
+        if "qemu-system" in exe and (cwd == base or cwd.startswith(base + "/")):
+            found.append(int(pid))
+    return found
+
+
 def _opts(state: Path, **kw) -> SshOptions:
     return SshOptions(identity=str(state / "ssh" / "id_ed25519"),
                       known_hosts=str(state / "ssh" / "known_hosts"), **kw)
@@ -258,7 +273,7 @@ def test_cli_different_qemu_on_the_destination_exits_3(state, artifacts, tmp_pat
     try:
         assert res.returncode == 3 and "Traceback" not in res.stderr
         assert last.startswith("dirtylog: error: QEMU differs between the hosts") and other in last
-        assert LocalHost().qemu_pids(base) == []  # nothing started (the namespaces share /proc)
+        assert _qemu_pids(base) == []  # nothing started (the namespaces share /proc)
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
@@ -322,7 +337,7 @@ def mixed_hosts(state):
         return TwoHosts(host(src_local, "src", SRC), host(dst_local, "dst", DST), address)
 
     yield make
-    left = LocalHost().qemu_pids(base)  # the namespaces share this machine's /proc and /var/tmp
+    left = _qemu_pids(base)  # the namespaces share this machine's /proc and /var/tmp
     shutil.rmtree(base, ignore_errors=True)
     assert not left, f"QEMU processes left behind: {left}"
 
@@ -476,10 +491,10 @@ def test_control_link_cut_mid_migration_fails_and_the_remote_qemu_ends(state, ho
                    workloads=(Workload(64, 1, 1000),))
         failed = time.monotonic() - cut["t"]
         deadline = time.monotonic() + 45
-        while LocalHost().qemu_pids(hosts.dst.base_dir) and time.monotonic() < deadline:
+        while _qemu_pids(hosts.dst.base_dir) and time.monotonic() < deadline:
             time.sleep(0.5)  # the namespaces share this machine's /proc
         gone = time.monotonic() - cut["t"]
-        left = LocalHost().qemu_pids(hosts.dst.base_dir)
+        left = _qemu_pids(hosts.dst.base_dir)
     finally:
         ctl(up=True)
         _wait_reachable(hosts.dst)
@@ -550,13 +565,13 @@ def test_idle_remote_qemu_ends_when_its_control_link_is_cut(state, hosts, artifa
     q.start()
     link = ["ip", "-n", "dlt-dst", "link", "set", "ctl0"]
     try:
-        assert LocalHost().qemu_pids(rdir) == [q.remote_pid]
+        assert _qemu_pids(rdir) == [q.remote_pid]
         subprocess.run(link + ["down"], check=True)
         t0 = time.monotonic()
-        while LocalHost().qemu_pids(rdir) and time.monotonic() - t0 < HEARTBEAT_TIMEOUT_S + 20:
+        while _qemu_pids(rdir) and time.monotonic() - t0 < HEARTBEAT_TIMEOUT_S + 20:
             time.sleep(0.5)
         gone = time.monotonic() - t0
-        assert LocalHost().qemu_pids(rdir) == [], "the remote QEMU outlived its control connection"
+        assert _qemu_pids(rdir) == [], "the remote QEMU outlived its control connection"
     finally:
         subprocess.run(link + ["up"], check=True)
         q.close()
@@ -690,7 +705,7 @@ remote_dir = "{base}"
             assert "dirty syncs" in res.stdout + res.stderr or trial["migration"]["dirty_sync_count"] > 2
     finally:
         shutil.rmtree(base, ignore_errors=True)
-        assert LocalHost().qemu_pids(base) == []
+        assert _qemu_pids(base) == []
 
 
 def test_remote_qemu_ends_when_the_controller_is_killed(state, hosts, artifacts, tmp_path):
