@@ -708,6 +708,34 @@ remote_dir = "{base}"
         assert _qemu_pids(base) == []
 
 
+def test_cli_cross_version_allowed_remote_source_local_destination(state, artifacts, tmp_path):
+    """--allow-qemu-mismatch end to end: the destination (this machine) runs a QEMU reporting
+    another version; the run goes ahead and report.json names both."""
+    from conftest import run_dirtylog
+    base = f"/var/tmp/dlt-{secrets.token_hex(3)}"
+    other = _other_version_qemu(tmp_path)
+    try:
+        res = run_dirtylog("verify", "--artifacts", artifacts, "--machine", "virt", "--smp", "1", "--min-passes", "1",
+                           "--mem", "128", "--workload", "256:16:100", "--src-host", SRC, "--dst-host", "local",
+                           "--migration-address", "10.241.1.1", "--dst-qemu", other, "--allow-qemu-mismatch",
+                           "--ssh-identity", state / "ssh" / "id_ed25519", "--known-hosts", state / "ssh" / "known_hosts",
+                           "--remote-dir", base, "--run-dir", tmp_path / "run", "--json", tmp_path / "r.json", timeout=600)
+        assert res.returncode in (0, 1), res.stderr
+        report = json.loads((tmp_path / "r.json").read_text())
+        q = report["qemu"]
+        print(f"cross-version allowed: exit {res.returncode}, src {q['src']['version']} dst {q['dst']['version']}")
+        assert (q["src"]["host"], q["dst"]["host"]) == (SRC, "localhost")
+        assert q["dst"]["version"] == "7.2.99" and q["dst"]["path"] == str(other)
+        assert q["mismatch_allowed"] and not q["same_version"]
+        assert report["options"]["dst_qemu"] == str(other) and report["options"]["allow_qemu_mismatch"]
+        trial = report["trials"][0]
+        assert trial["migration"]["status"] == "completed" and trial["compare"]["hosts"]["dst"] == "localhost"
+        assert report["verdict"] == "pass" or trial["migration"]["dirty_sync_count"] > 2  # 7.2's known loss
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+        assert _qemu_pids(base) == []
+
+
 def test_remote_qemu_ends_when_the_controller_is_killed(state, hosts, artifacts, tmp_path):
     """SIGKILL of dirtylog itself: the agent's stdin (a pipe from the controller through ssh)
     reaches EOF and the agent ends QEMU."""
