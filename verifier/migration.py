@@ -86,9 +86,17 @@ def configure(src: QemuProcess, dst: QemuProcess, policy: MigrationPolicy) -> No
         src.qmp("migrate-set-parameters", **policy.parameters)
 
 
+def start_incoming(src: QemuProcess, dst: QemuProcess, uri: str, policy: MigrationPolicy) -> None:
+    """Set capabilities and parameters, then let the destination listen: QEMU 10 refuses some
+    capabilities (multifd) on a destination whose incoming migration has already started."""
+    configure(src, dst, policy)
+    dst.qmp("migrate-incoming", uri=uri)
+
+
 def run_migration(src: QemuProcess, dst: QemuProcess, uri: str, policy: MigrationPolicy,
                   timeline_path: Path, progress=None) -> MigrationResult:
-    """Migrate src to dst (already listening on `uri`) and return the migration's figures.
+    """Migrate src to dst (already listening on `uri` through start_incoming) and return the
+    migration's figures.
 
     On return the source is `postmigrate` and the destination `paused`, neither has resumed.
     `progress`, when given, is called with each query-migrate sample.
@@ -100,7 +108,6 @@ def run_migration(src: QemuProcess, dst: QemuProcess, uri: str, policy: Migratio
         src.qmp("migrate-set-parameters", **params)
         changes.append({"t": round(time.monotonic() - t0, 3), **params})
 
-    configure(src, dst, policy)
     forcing = policy.min_passes > 1 or policy.postcopy
     postcopy_started = False
     if policy.max_bandwidth is not None:

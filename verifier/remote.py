@@ -750,7 +750,7 @@ def run_two_host_trial(trial, art, opts, hosts: TwoHosts, machine, accel: tuple[
     """
     from . import run as _run
     from .errors import MigrationError
-    from .migration import MigrationPolicy, run_migration
+    from .migration import MigrationPolicy, run_migration, start_incoming
     from .qemu import GuestConfig, machine_args
     from .workload import kernel_cmdline_arg
 
@@ -804,7 +804,7 @@ def run_two_host_trial(trial, art, opts, hosts: TwoHosts, machine, accel: tuple[
             _run._wait_until_ready(src, art, opts, tdir)
             trial.timings["boot_s"] = round(time.monotonic() - t_start, 3)
             time.sleep(opts.settle_s)
-            dst.qmp("migrate-incoming", uri=uri)
+            start_incoming(src, dst, uri, policy)
             reporter.step(f"trial {trial.index}: migrating {hosts.src.name} -> {hosts.dst.name} ({uri})")
             t_mig = time.monotonic()
             try:

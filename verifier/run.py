@@ -25,7 +25,7 @@ from . import remote as _remote
 from .artifacts import GuestArtifacts
 from .compare import compare_images
 from .errors import InputError, MigrationError, QemuError, VerifyError
-from .migration import MigrationPolicy, check_supported, run_migration
+from .migration import MigrationPolicy, check_supported, run_migration, start_incoming
 from .qemu import MACHINES, MACHINES_BY_ARCH, GuestConfig, QemuBinary, QemuProcess, machine_args, probe_qemu
 from .report import RunReport, TrialResult, diagnose_trial
 from .workload import SEED_WORKLOADS, Workload, check_fits, kernel_cmdline_arg
@@ -288,7 +288,7 @@ def _run_trial(trial: TrialResult, art: GuestArtifacts, opts: VerifyOptions, qem
         _wait_until_ready(src, art, opts, tdir)
         trial.timings["boot_s"] = round(time.monotonic() - t_start, 3)
         time.sleep(opts.settle_s)
-        dst.qmp("migrate-incoming", uri=uri)
+        start_incoming(src, dst, uri, policy)
         reporter.step(f"trial {trial.index}: migrating ({uri})")
         t_mig = time.monotonic()
         result = run_migration(src, dst, uri, policy, tdir / "timeline.jsonl", progress=reporter.migration)
