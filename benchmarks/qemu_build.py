@@ -32,7 +32,7 @@ from builder import qemu_build  # noqa: E402
 from builder.build import build_artifacts  # noqa: E402
 from builder.cache import Cache  # noqa: E402
 from verifier.artifacts import load_artifacts  # noqa: E402
-from verifier.migration import MigrationPolicy, run_migration  # noqa: E402
+from verifier.migration import MigrationPolicy, run_migration, start_incoming  # noqa: E402
 from verifier.qemu import MACHINES, GuestConfig, QemuProcess, machine_args, probe_qemu  # noqa: E402
 from verifier.run import READY_RE  # noqa: E402
 from verifier.savedirtylog import savedirtylog_args, wait_for_image  # noqa: E402
@@ -91,11 +91,11 @@ def image_timings(qemu_path: Path, art, mem_mb: int, workdir: Path) -> dict:
             QemuProcess(qemu, machine_args(qemu, cfg) + savedirtylog_args("ram-src.img"), workdir, "src") as src:
         if src.serial.wait_for(READY_RE, 300, alive=src.alive) is None:
             raise SystemExit(f"guest did not boot: {src.output_tail()}")
-        dst.qmp("migrate-incoming", uri="unix:migrate.sock")
+        policy = MigrationPolicy(min_passes=1, timeout_s=600)
+        start_incoming(src, dst, "unix:migrate.sock", policy)
         for t in timers.values():
             t.start()
-        run_migration(src, dst, "unix:migrate.sock", MigrationPolicy(min_passes=1, timeout_s=600),
-                      workdir / "timeline.jsonl")
+        run_migration(src, dst, "unix:migrate.sock", policy, workdir / "timeline.jsonl")
         for side, t in timers.items():
             wait_for_image(t.path, size, timeout=60)
             t.join(timeout=5)
