@@ -27,6 +27,8 @@ from builder.cpio import CpioWriter
 from builder.errors import BuildInputError
 from builder.initrd import DIRTYRAM_PATH
 from verifier.artifacts import load_artifacts
+from verifier.errors import InputError
+from verifier.workload import SEED_WORKLOADS, check_fits
 
 REPO = Path(__file__).resolve().parent.parent
 EXT = REPO / "buildroot-external"
@@ -327,6 +329,10 @@ def test_post_image_vexpress_guest_boots_in_32_mib(tmp_path):
     art = load_artifacts(published)
     assert (art.machine, art.min_mem_mb) == ("vexpress-a15", 32)
     assert art.dtb is not None and art.dtb.name == "guest_a15x2.dtb"
+    # ... and the verifier lets the 2014 workloads (4.2 MiB) run in it (`--mem 32`).
+    check_fits(SEED_WORKLOADS, 32, art.reserved_mb)
+    with pytest.raises(InputError, match="leaves only"):
+        check_fits(SEED_WORKLOADS, 32)  # the Debian kernel's 40 MiB reserve would not
 
 
 def test_post_image_fails_without_the_kernel_and_publishes_nothing(tmp_path):

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InputError
+from .workload import GUEST_RESERVED_MB
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_SCHEMA = "dirtylog-artifacts/1"
@@ -38,6 +39,7 @@ class GuestArtifacts:
     initrd: Path
     machine: str = "vexpress-a15"
     min_mem_mb: int = 64
+    reserved_mb: int = GUEST_RESERVED_MB  # guest RAM not available to the workloads (manifest: guest.reserved_mb)
     arch: str = "armv7"
     manifest: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -188,7 +190,8 @@ def load_artifacts(directory: Path) -> GuestArtifacts:
     guest = manifest.get("guest", {})
     art = GuestArtifacts(kernel=by_role["kernel"], dtb=by_role.get("dtb"), initrd=by_role["initrd"],
                          machine=guest.get("machine", "vexpress-a15"), arch=manifest.get("arch", "armv7"),
-                         min_mem_mb=int(guest.get("min_mem_mb", 64)), manifest=manifest)
+                         min_mem_mb=int(guest.get("min_mem_mb", 64)),
+                         reserved_mb=int(guest.get("reserved_mb", GUEST_RESERVED_MB)), manifest=manifest)
     validate(art)
     return art
 
@@ -202,6 +205,7 @@ def foreign_artifacts(kernel: Path, dtb: Path | None, initrd: Path, machine: str
                          initrd=initrd or (base.initrd if base else None),
                          machine=base.machine if base else machine, arch=base.arch if base else arch,
                          min_mem_mb=base.min_mem_mb if base else 32,
+                         reserved_mb=base.reserved_mb if base else GUEST_RESERVED_MB,
                          manifest=base.manifest if base and not initrd else {})
     for role in ("kernel", "initrd"):
         if getattr(art, role) is None:

@@ -94,7 +94,7 @@ class VerifyOptions:
             raise InputError("--kvm-dirty-ring applies to --accel kvm only")
         if art.foreign and not self.guest_cmds and self.ready_pattern is None:
             pass  # a foreign guest is ready at its shell prompt
-        check_fits(self.workloads, self.mem_mb)
+        check_fits(self.workloads, self.mem_mb, art.reserved_mb)
 
 
 def default_run_dir() -> Path:

@@ -47,10 +47,11 @@ def parse_workload(text: str) -> Workload:
     return Workload(total, dirty, interval)
 
 
-def check_fits(workloads: tuple[Workload, ...], mem_mb: int) -> None:
-    """Refuse workloads that cannot fit the guest's RAM besides the kernel."""
+def check_fits(workloads: tuple[Workload, ...], mem_mb: int, reserved_mb: int = GUEST_RESERVED_MB) -> None:
+    """Refuse workloads that cannot fit the guest's RAM besides the kernel (`reserved_mb`: what the
+    guest takes for itself; its manifest's guest.reserved_mb when it says, else GUEST_RESERVED_MB)."""
     need = sum(w.bytes for w in workloads)
-    budget = (mem_mb - GUEST_RESERVED_MB) * 1024 * 1024
+    budget = (mem_mb - reserved_mb) * 1024 * 1024
     if need > budget:
         raise InputError(
             f"workloads need {need / 2**20:.1f} MiB but a {mem_mb} MiB guest leaves only "
