@@ -261,8 +261,7 @@ class QemuProcess:
                         "-mon", "chardev=dirtylog-qmp,mode=control",
                         "-chardev", f"socket,id=dirtylog-serial,fd={ser_theirs.fileno()}",
                         "-serial", "chardev:dirtylog-serial"]
-        (self.workdir / f"cmdline-{self.name}.txt").write_text(
-            " ".join(_shell_quote(a) for a in self.cmdline) + "\n")
+        self._write_cmdline()
         self._qmp_log = open(self.workdir / f"qmp-{self.name}.log", "w")
         self.serial = SerialConsole(ser_ours, self.workdir / f"serial-{self.name}.log")
         with open(self.stderr_path, "wb") as err:
@@ -276,12 +275,28 @@ class QemuProcess:
             finally:
                 qmp_theirs.close()
                 ser_theirs.close()
+        self._connect_qmp(qmp_ours, "QMP handshake failed")
+
+    # -- pieces shared with RemoteQemu ---------------------------------------------------------
+    def _write_cmdline(self, header: str = "") -> None:
+        (self.workdir / f"cmdline-{self.name}.txt").write_text(
+            header + " ".join(_shell_quote(a) for a in self.cmdline) + "\n")
+
+    def _connect_qmp(self, sock: socket.socket, what: str) -> None:
         self._loop = asyncio.new_event_loop()
         self._qmp = QMPClient(f"dirtylog-{self.name}")
         try:
-            self._run(self._qmp.connect(qmp_ours), timeout=30)
+            self._run(self._qmp.connect(sock), timeout=30)
         except (QMPError, OSError, asyncio.TimeoutError, EOFError) as exc:
-            self._raise_dead(f"QMP handshake failed ({type(exc).__name__})")
+            self._raise_dead(f"{what} ({type(exc).__name__})")
+
+    def _where(self) -> str:
+        """Where the QEMU runs, for messages ("" here, " on HOST" for a remote one)."""
+        return ""
+
+    def _status(self) -> str:
+        rc = self.proc.poll() if self.proc else None
+        return f"exited with {rc}" if rc is not None else "still running"
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -299,14 +314,14 @@ class QemuProcess:
                 self.proc.wait(timeout=2)
             except subprocess.TimeoutExpired:
                 pass
-        rc = self.proc.poll() if self.proc else None
-        status = f"exited with {rc}" if rc is not None else "still running"
+        status = self._status()
         tail = self.output_tail()
-        raise QemuError(f"{self.name} QEMU: {what}; process {status}"
+        raise QemuError(f"{self.name} QEMU{self._where()}: {what}; process {status}"
                         + (f"; it said: {tail}" if tail else "")
                         + f"; command line in {self.workdir / ('cmdline-' + self.name + '.txt')}")
 
     def close(self, timeout: float = 10.0) -> None:
+        """quit over QMP, end the process, release sockets, loop and logs; safe to call twice."""
         if self._qmp is not None and self.alive():
             try:
                 self.qmp("quit", timeout=5)
@@ -318,6 +333,10 @@ class QemuProcess:
             except BaseException:  # noqa: BLE001
                 pass
             self._qmp = None
+        self._end_process(timeout)
+        self._release()
+
+    def _end_process(self, timeout: float) -> None:
         if self.proc is not None:
             for sig in (None, signal.SIGTERM, signal.SIGKILL):
                 if sig is not None and self.proc.poll() is None:
@@ -327,6 +346,8 @@ class QemuProcess:
                     break
                 except subprocess.TimeoutExpired:
                     continue
+
+    def _release(self) -> None:
         if self.serial is not None:
             self.serial.close()
             self.serial = None

@@ -25,7 +25,6 @@ Design:
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import os
 import re
@@ -41,12 +40,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qemu.qmp import QMPClient
-from qemu.qmp.error import QMPError
-
 from .compare import DEFAULT_PAGE_SIZE, CompareResult
 from .errors import InputError, QemuError, VerifyError
-from .qemu import QemuBinary, QemuProcess, SerialConsole, _shell_quote
+from .qemu import QemuBinary, QemuProcess, SerialConsole
 
 AGENT_SOURCE = Path(__file__).with_name("remote_agent.py")
 DEFAULT_REMOTE_BASE = "/var/tmp/dirtylog-remote"
@@ -329,8 +325,7 @@ class RemoteQemu(QemuProcess):
                         "-mon", "chardev=dirtylog-qmp,mode=control",
                         "-chardev", f"socket,id=dirtylog-serial,path={rser},server=on,wait=off",
                         "-serial", "chardev:dirtylog-serial"]
-        (self.workdir / f"cmdline-{self.name}.txt").write_text(
-            f"# on {self.host.name} in {self.remote_dir}\n" + " ".join(_shell_quote(a) for a in self.cmdline) + "\n")
+        self._write_cmdline(f"# on {self.host.name} in {self.remote_dir}\n")
         self._qmp_log = open(self.workdir / f"qmp-{self.name}.log", "w")
         self._err_file = open(self.workdir / f"ssh-{self.name}.log", "wb")
         forwards = [] if isinstance(self.host, LocalHost) else [(lqmp, rqmp), (lser, rser)]
@@ -351,12 +346,7 @@ class RemoteQemu(QemuProcess):
         qmp_path = self.host.forwarded(rqmp, lqmp)
         ser_path = self.host.forwarded(rser, lser)
         self.serial = SerialConsole(_connect_unix(ser_path, 15), self.workdir / f"serial-{self.name}.log")
-        self._loop = asyncio.new_event_loop()
-        self._qmp = QMPClient(f"dirtylog-{self.name}")
-        try:
-            self._run(self._qmp.connect(_connect_unix(qmp_path, 15)), timeout=30)
-        except (QMPError, OSError, asyncio.TimeoutError, EOFError) as exc:
-            self._raise_dead(f"QMP handshake over the forwarded socket failed ({type(exc).__name__})")
+        self._connect_qmp(_connect_unix(qmp_path, 15), "QMP handshake over the forwarded socket failed")
         if resume:
             self.qmp("cont")
 
@@ -436,35 +426,17 @@ class RemoteQemu(QemuProcess):
         ssh_err = " ".join(self._ssh_stderr().split())
         return " | ".join(text[-lines:]) + (f" | ssh: {ssh_err[-200:]}" if ssh_err else "")
 
-    def _raise_dead(self, what: str) -> None:
-        if self.proc is not None:
-            try:
-                self.proc.wait(timeout=2)
-            except subprocess.TimeoutExpired:
-                pass
-        if self.exit_status is not None:
-            status = f"exited with {self.exit_status}"
-        elif self.proc is not None and self.proc.poll() is not None:
-            status = f"its ssh session ended ({self.proc.returncode})"
-        else:
-            status = "still running"
-        tail = self.output_tail()
-        raise QemuError(f"{self.name} QEMU on {self.host.name}: {what}; process {status}"
-                        + (f"; it said: {tail}" if tail else "")
-                        + f"; command line in {self.workdir / ('cmdline-' + self.name + '.txt')}")
+    def _where(self) -> str:
+        return f" on {self.host.name}"
 
-    def close(self, timeout: float = 10.0) -> None:
-        if self._qmp is not None and self.alive():
-            try:
-                self.qmp("quit", timeout=5)
-            except Exception:  # noqa: BLE001 - ended below whatever QMP said
-                pass
-        if self._qmp is not None and self._loop is not None:
-            try:
-                self._run(self._qmp.disconnect(), timeout=5)
-            except BaseException:  # noqa: BLE001
-                pass
-            self._qmp = None
+    def _status(self) -> str:
+        if self.exit_status is not None:
+            return f"exited with {self.exit_status}"
+        if self.proc is not None and self.proc.poll() is not None:
+            return f"its ssh session ended ({self.proc.returncode})"
+        return "still running"
+
+    def _end_process(self, timeout: float) -> None:
         if self.serial is not None:  # ssh waits for forwarded connections before it exits
             self.serial.close()
             self.serial = None
@@ -479,18 +451,14 @@ class RemoteQemu(QemuProcess):
             except subprocess.TimeoutExpired:
                 self.proc.kill()  # the session closes; sshd hangs up; the agent ends QEMU
                 self.proc.wait()
-        if self.serial is not None:
-            self.serial.close()
-            self.serial = None
-        if self._loop is not None:
-            self._loop.close()
-            self._loop = None
+
+    def _release(self) -> None:
+        super()._release()
         for side in ("qmp", "serial"):  # the forwarded sockets ssh left behind
             (self.sock_dir / f"{self.name}-{side}.sock").unlink(missing_ok=True)
-        for f in ("_qmp_log", "_err_file"):
-            if getattr(self, f) is not None:
-                getattr(self, f).close()
-                setattr(self, f, None)
+        if self._err_file is not None:
+            self._err_file.close()
+            self._err_file = None
 
     def ram_page_sizes(self, mem_mb: int) -> dict | None:
         return None  # /proc of another host; not reported for remote QEMUs
@@ -512,7 +480,7 @@ def _connect_unix(path: str, timeout: float) -> socket.socket:
 
 def short_socket_dir() -> Path:
     """Unix socket paths are limited to 107 bytes: forwarded sockets go to a short private dir."""
-    return Path(tempfile.mkdtemp(prefix="dl-", dir="/tmp"))
+    return Path(tempfile.mkdtemp(prefix="dl-", dir="/tmp"))  # short on purpose; removed with the run
 
 
 # -- capture and comparison across hosts ---------------------------------------------------------
