@@ -825,19 +825,7 @@ def diagnose_remote(trial, result: CompareResult, ram_base: int, dst_headers: Pa
     """verifier.report.diagnose_trial on the fetched pages. The destination-only invariant
     reads only the dirtyram page headers, so it runs on `dst_headers` (a sparse image of the
     headers the destination host sent with its digests); without it, it is not checked."""
-    from .diagnosis import analyse, destination_invariant
-    trial.compare = result.to_dict()
-    trial.compare["ram_base"] = hex(ram_base)
-    analysis = analyse(result, ram_base)
-    analysis.raise_for_capture()
-    trial.compare["diagnosis_counts"] = {k: n for k, n in analysis.counts.items() if n}
-    trial.compare["undiagnosed"] = analysis.undiagnosed
-    trial.differences = [r.to_dict() for r in analysis.ranges]
-    if dst_headers is not None:
-        trial.destination_invariant = [f.to_dict() for f in destination_invariant(dst_headers, base=ram_base)]
-        trial.compare["destination_invariant"] = "checked on the destination's page headers"
-    else:
-        trial.destination_invariant = []
-        trial.compare["destination_invariant"] = "not checked (no page headers from the destination)"
-    resumed = trial.resume.get("ok", True)
-    trial.verdict = "pass" if result.identical and resumed else "fail"
+    from .report import diagnose_trial
+    diagnose_trial(trial, result, ram_base, invariant_image=dst_headers)
+    trial.compare["destination_invariant"] = ("checked on the destination's page headers" if dst_headers is not None
+                                              else "not checked (no page headers from the destination)")
