@@ -408,6 +408,20 @@ def test_br2_fragment_is_checked_before_running_make(tmp_path):
     assert not (tmp_path / "build").exists()
 
 
+def test_cli_br2_fragment_errors_are_one_line_exit_2(tmp_path):
+    from conftest import run_dirtylog
+    bad = tmp_path / "bad.config"
+    bad.write_text("not an option\n")
+    env = {**os.environ, "DIRTYLOG_CACHE": str(tmp_path / "cache")}
+    res = run_dirtylog("build", "--br2-fragment", bad, "--out", tmp_path / "out", env=env)
+    assert res.returncode == 2 and "--br2-fragment go with --engine buildroot" in res.stderr
+    res = run_dirtylog("build", "--engine", "buildroot", "--buildroot-dir", _fake_buildroot(tmp_path),
+                       "--br2-fragment", bad, "--out", tmp_path / "out", env=env)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith("dirtylog: error: --br2-fragment ")
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
+
+
 def _fake_buildroot(tmp_path: Path, version: str = "2026.02.3") -> Path:
     br = tmp_path / "buildroot"
     br.mkdir()
