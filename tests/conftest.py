@@ -26,6 +26,14 @@ def artifacts(tmp_path_factory) -> Path:
     return out
 
 
+def sigint_default() -> None:
+    """preexec_fn for a child the test will Ctrl-C: a pytest started in the background by a
+    shell without job control inherits SIGINT ignored, and Python then never raises
+    KeyboardInterrupt in the child (a CI run launched with `nohup ... &` showed it)."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def qemu_processes_under(path: Path) -> list[str]:
     """Command lines of running QEMU processes whose working directory is below `path`."""
     found = []

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DIRTYLOG, qemu_processes_under, run_dirtylog
+from conftest import DIRTYLOG, qemu_processes_under, run_dirtylog, sigint_default
 
 pytestmark = pytest.mark.e2e
 
@@ -146,7 +146,7 @@ def _start_slow_migration(artifacts: Path, run_dir: Path) -> subprocess.Popen:
     """A verify run whose 2 MB/s migration is still going when this returns."""
     proc = subprocess.Popen([*DIRTYLOG, "verify", "--artifacts", str(artifacts), "--machine", "virt",
                              "--smp", "1", "--max-bandwidth", "2M", "--run-dir", str(run_dir)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_default)
     timeline = run_dir / "trial-01" / "timeline.jsonl"
     deadline = time.monotonic() + 120
     while not (timeline.exists() and timeline.stat().st_size > 0):

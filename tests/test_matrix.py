@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, qemu_processes_under
+from conftest import REPO, qemu_processes_under, sigint_default
 from verifier.errors import InputError
 from verifier.matrix import (Host, MatrixError, check_fits_host, load_matrix, matrix_exit_code, parse_shard,
                              shard)
@@ -310,7 +310,7 @@ name = "later"
     run_dir = tmp_path / "run"
     proc = subprocess.Popen([*MATRIX_CLI, "run", str(m), "--artifacts", str(artifacts), "--jobs", "2",
                              "--run-dir", str(run_dir)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=sigint_default)
     deadline = time.monotonic() + 120
     while not list(run_dir.glob("*/trial-01/timeline.jsonl")):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
