@@ -23,6 +23,11 @@ ENV DEBIAN_FRONTEND=noninteractive LANG=C.UTF-8 LC_ALL=C.UTF-8 TZ=UTC \
 
 # The Debian packages scripts/setup-host.sh installs for `dirtylog build --arch armv7|aarch64|x86_64`
 # (not QEMU, not the test-only tools); git for the manifest's commit of the mounted checkout.
+# Second group: `dirtylog build --engine buildroot` runs Buildroot in this image. What Buildroot's
+# support/dependencies/dependencies.sh checks for (which: debianutils, essential; cmp: diffutils;
+# awk: mawk; perl's modules are in perl-modules), plus the Debian tools that an offline lab's
+# host-package stand-ins exec instead of building them (bison flex m4 kmod patchelf fakeroot pkgconf;
+# see README "Building from source with Buildroot").
 RUN set -eu; \
     if [ -n "$APT_MIRROR" ]; then \
         rm -f /etc/apt/sources.list.d/*; \
@@ -38,7 +43,9 @@ RUN set -eu; \
         cpio xz-utils git \
         ninja-build pkg-config patch meson libglib2.0-dev zlib1g-dev libfdt-dev \
         python3-click python3-pyelftools python3-debian python3-requests python3-tqdm \
-        python3-setuptools python3-wheel; \
+        python3-setuptools python3-wheel \
+        sed binutils g++ bash gzip bzip2 perl tar unzip rsync file bc findutils wget \
+        bison flex m4 kmod patchelf fakeroot pkgconf; \
     apt-get clean; rm -rf /var/lib/apt/lists/*; \
     git config --system --add safe.directory '*'
 

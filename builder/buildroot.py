@@ -5,9 +5,14 @@ then `make`); its post-image script (buildroot-external/board/dirtylog/post-imag
 artifacts and their manifest in BINARIES_DIR/dirtylog/, which this module copies into the output
 directory atomically, manifest last, as the Debian engine does.
 
-Buildroot itself is not downloaded here: its release tarballs' sha256 could not be verified from this
-project's machines, so the caller names a Buildroot tree (`--buildroot-dir`). BUILDROOT_VERSION is
-the release the external tree is written and tested against; another version is accepted with a note.
+Buildroot itself: either the caller's tree (`--buildroot-dir`; another version than BUILDROOT_VERSION
+is accepted with a note), or the pinned LTS release tarball (fetch_buildroot): downloaded from
+Buildroot's release site (or `--buildroot-url`), its sha256 checked against BUILDROOT_SHA256 before
+anything is unpacked, and kept in the content-addressed download cache with its unpacked tree.
+
+Where make runs is the caller's choice (builder/runtime.py): on this host, or in the project's
+builder container with the tree, the download directory and the fragments' local files mounted at
+the same absolute paths (container_mounts lists them).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from collections import deque
 from pathlib import Path
 
 from .build import _ALL_ARTIFACT_NAMES
-from .errors import BuildError, BuildInputError, CacheMissError, ToolMissingError
+from .errors import BuildError, BuildInputError, CacheMissError, DownloadError, IntegrityError, ToolMissingError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXTERNAL_DIR = REPO_ROOT / "buildroot-external"
@@ -32,6 +37,10 @@ EXTERNAL_DIR = REPO_ROOT / "buildroot-external"
 # Buildroot LTS the tree is tested against: the tag and the commit it points to in Buildroot's git.
 BUILDROOT_VERSION = "2026.02.3"
 BUILDROOT_COMMIT = "679b9ead7620bbf193620d1ebf56f53c1764d37a"
+# The release tarball and its sha256 (as in the release's signed buildroot-2026.02.3.tar.xz.sign).
+BUILDROOT_TARBALL = f"buildroot-{BUILDROOT_VERSION}.tar.xz"
+BUILDROOT_SHA256 = "5a59e7501b0b4ec52c41f4bfa79412320e0b37eae5f719605a258e8d0c6fc7fb"
+DEFAULT_BUILDROOT_URL = "https://buildroot.org/downloads/"
 
 DEFAULT_DEFCONFIG = "dirtylog_vexpress_a15_defconfig"
 ARCH_DEFCONFIGS = {"armv7": "dirtylog_vexpress_a15_defconfig", "aarch64": "dirtylog_aarch64_virt_defconfig"}
@@ -78,10 +87,17 @@ _WRAPPED_TOOLS = ("gcc", "cpp")
 _CXX_TOOLS = ("g++", "c++")
 
 
-def _default_build_root() -> Path:
+# Set by builder/runtime.py in its container: a build root of its own inside the shared cache, so that
+# builds on the host and in a container never share one Buildroot output directory.
+BUILD_ROOT_ENV = "DIRTYLOG_BUILDROOT_BUILD_ROOT"
+
+
+def _default_build_root(cache_dir: Path | None = None) -> Path:
     """A fixed place per defconfig and toolchain: Buildroot's output depends on its path."""
-    base = os.environ.get("DIRTYLOG_CACHE")
-    return (Path(base) if base else Path.home() / ".cache" / "dirtylog") / "buildroot-build"
+    if os.environ.get(BUILD_ROOT_ENV):
+        return Path(os.environ[BUILD_ROOT_ENV])
+    from .cache import default_cache_dir
+    return Path(cache_dir or default_cache_dir()) / "buildroot-build"
 
 
 def buildroot_version(buildroot_dir: Path) -> str:
@@ -95,6 +111,125 @@ def buildroot_version(buildroot_dir: Path) -> str:
     if not m or not (Path(buildroot_dir) / "Config.in").is_file():
         raise BuildInputError(f"--buildroot-dir {buildroot_dir} is not a Buildroot tree (no BR2_VERSION)")
     return m.group(1)
+
+
+def buildroot_tarball_url(base_url: str | None = None) -> str:
+    base = base_url or DEFAULT_BUILDROOT_URL
+    if not re.match(r"https?://", base):
+        raise BuildInputError(f"--buildroot-url {base}: expected an http:// or https:// URL")
+    return base.rstrip("/") + "/" + BUILDROOT_TARBALL
+
+
+def fetch_buildroot(cache_dir: Path | None = None, base_url: str | None = None, offline: bool = False,
+                    log=lambda msg: None) -> tuple[Path, dict]:
+    """The pinned Buildroot release, unpacked: (tree, source record for the manifest).
+
+    The tarball goes into the content-addressed cache (<cache>/sha256/<hex>) only once its sha256 is
+    BUILDROOT_SHA256; it is unpacked next to it in <cache>/buildroot/<version>-<sha256[:16]>/, which
+    appears complete or not at all. Raises IntegrityError (wrong hash: nothing kept or unpacked),
+    DownloadError (unreachable), CacheMissError (offline without the tarball)."""
+    from .cache import Cache
+    cache = Cache(cache_dir)
+    url = buildroot_tarball_url(base_url)
+    record = {"version": BUILDROOT_VERSION, "tarball": BUILDROOT_TARBALL, "sha256": BUILDROOT_SHA256, "url": url}
+    root = cache.root / "buildroot" / f"{BUILDROOT_VERSION}-{BUILDROOT_SHA256[:16]}"
+    tree = root / f"buildroot-{BUILDROOT_VERSION}"
+    if (tree / "Makefile").is_file():
+        log(f"Buildroot {BUILDROOT_VERSION}: reusing {tree}")
+        return tree, record
+    tarball = cache.get(BUILDROOT_SHA256)
+    if tarball is None:
+        if offline:
+            raise CacheMissError(f"--offline: the Buildroot {BUILDROOT_VERSION} release tarball {BUILDROOT_TARBALL} "
+                                 f"(sha256 {BUILDROOT_SHA256}) is not in the cache {cache.root}; run once with "
+                                 "network access, or give a local tree with --buildroot-dir")
+        log(f"downloading {url}")
+        try:
+            tarball = cache.put_from_download(url, BUILDROOT_SHA256)
+        except IntegrityError:
+            raise  # "<url>: sha256 mismatch: expected ..., actual ..."; nothing kept
+        except DownloadError as exc:
+            m = re.search(r"\[Errno -?\d+\] ([^\"')(]+)|(HTTP \d+[^;]*)", str(exc))
+            why = (m.group(1) or m.group(2)).strip() if m else str(exc)
+            raise DownloadError(f"cannot download Buildroot {BUILDROOT_VERSION} from {url} ({why}); give a local "
+                                "Buildroot tree with --buildroot-dir (or another release site with --buildroot-url)"
+                                ) from None
+    log(f"unpacking {BUILDROOT_TARBALL} into {root}")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.unpack-", dir=root.parent))
+    try:
+        import tarfile
+        with tarfile.open(tarball) as tar:
+            tar.extractall(tmp, filter="data")
+        if not (tmp / tree.name / "Makefile").is_file():
+            raise BuildError(f"{BUILDROOT_TARBALL} (sha256 {BUILDROOT_SHA256}) holds no {tree.name}/Makefile")
+        shutil.rmtree(root, ignore_errors=True)
+        os.replace(tmp, root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return tree, record
+
+
+def local_tree_record(buildroot_dir: Path) -> dict:
+    return {"version": buildroot_version(buildroot_dir), "tree": str(Path(buildroot_dir).resolve())}
+
+
+# Never bind-mounted over the container's own system (a fragment naming /usr/bin/... means the image's).
+_SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/proc", "/sys", "/dev",
+                "/run", "/boot", "/src", "/cache", "/out", "/opt/venv", "/opt/dirtylog")
+_TOO_BROAD = ("/", "/tmp", "/var", "/home", "/opt", "/root", "/mnt", "/srv", "/media")
+# An absolute path starting a word (or after file://): not "$(BR2_EXTERNAL_DIRTYLOG_PATH)/board/...".
+_ABS_PATH = re.compile(r"(?:file://|(?<![^\s\"']))(/[^\s\"'$()=:;,]+)")
+
+
+def _system_path(p: Path) -> bool:
+    return str(p) in _TOO_BROAD or any(str(p) == d or str(p).startswith(d + "/") for d in _SYSTEM_DIRS)
+
+
+def _local_paths(text: str) -> list[Path]:
+    """Existing absolute paths that the values of a fragment or a .mk file name (file:// locations
+    included), comment lines and system directories left out."""
+    out = []
+    for line in text.splitlines():
+        if line.lstrip().startswith("#") or "=" not in line:
+            continue
+        for m in _ABS_PATH.finditer(line.split("=", 1)[1]):
+            p = Path(m.group(1))
+            if p.exists() and not _system_path(p.resolve()):
+                out.append(p.resolve())
+    return out
+
+
+def container_mounts(buildroot_dir: Path | None, dl_dir: Path | None, fragments=()) -> dict[str, str]:
+    """Host path -> "ro"|"rw" for a build in a container that sees them at the same absolute paths:
+    the Buildroot tree, the download directory (rw), each fragment, and every absolute local path a
+    fragment names (file:// locations, BR2_GLOBAL_PATCH_DIR entries, BR2_PACKAGE_OVERRIDE_FILE and
+    the paths that file names, e.g. <PKG>_OVERRIDE_SRCDIR). Paths inside a mount with the same mode
+    are dropped; system directories named by a fragment are left to the container's own."""
+    mounts: dict[Path, str] = {}
+    named = [("--buildroot-dir", buildroot_dir, "ro")] if buildroot_dir is not None else []
+    named += [("--dl-dir", dl_dir, "rw")] if dl_dir is not None else []
+    named += [("--br2-fragment", f, "ro") for f in fragments]
+    for what, path, mode in named:
+        path = Path(path).resolve()
+        if _system_path(path):
+            raise BuildInputError(f"{what} {path}: a container cannot see it at the same path (a system "
+                                  "directory of the image); move it, or use --runtime host")
+        mounts[path] = "rw" if mode == "rw" else mounts.get(path, "ro")
+    for f in fragments:
+        text = read_fragment(f)
+        for p in _local_paths(text):
+            mounts.setdefault(p, "ro")
+        m = re.search(r'^BR2_PACKAGE_OVERRIDE_FILE="?([^"\n]+)"?$', text, re.M)
+        if m and Path(m.group(1)).is_file():
+            for p in _local_paths(Path(m.group(1)).read_text(errors="replace")):
+                mounts.setdefault(p, "ro")
+    result: dict[str, str] = {}
+    for p in sorted(mounts, key=lambda p: (len(p.parts), str(p))):
+        if any(p.is_relative_to(q) and mode == mounts[p] for q, mode in ((Path(k), v) for k, v in result.items())):
+            continue
+        result[str(p)] = mounts[p]
+    return result
 
 
 def defconfig_path(defconfig: str) -> Path:
@@ -244,13 +379,45 @@ def missing_downloads(show_info: dict, dl_dir: Path, overridden: set[str] = froz
     return missing
 
 
+def check_inputs(out: Path, defconfig: str, *, dl_dir: Path | None, offline: bool, toolchain: str,
+                 fragments=()) -> None:
+    """Everything about the caller's input that can be wrong, before anything is downloaded or built."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise BuildInputError(f"--out {out} exists and is not a directory")
+    if toolchain not in TOOLCHAINS:
+        raise BuildInputError(f"unknown toolchain {toolchain!r}; expected one of {', '.join(TOOLCHAINS)}")
+    if offline and dl_dir is None:
+        raise BuildInputError("--offline with the Buildroot engine needs --dl-dir (the pre-populated downloads)")
+    if dl_dir is not None and not Path(dl_dir).is_dir():
+        raise BuildInputError(f"--dl-dir {dl_dir} is not a directory")
+    defconfig_path(defconfig)
+    for f in fragments:
+        read_fragment(f)
+
+
+def resolve_buildroot(buildroot_dir: Path | None, *, cache_dir: Path | None = None, buildroot_url: str | None = None,
+                      offline: bool = False, log=lambda msg: None) -> tuple[Path, dict]:
+    """(Buildroot tree, manifest record): the caller's tree, or the pinned release (fetch_buildroot)."""
+    if buildroot_dir is not None:
+        if buildroot_url:
+            raise BuildInputError("--buildroot-url and --buildroot-dir exclude each other")
+        tree = Path(buildroot_dir).resolve()
+        return tree, local_tree_record(tree)
+    return fetch_buildroot(cache_dir, buildroot_url, offline=offline, log=log)
+
+
 def build_with_buildroot(out: Path, defconfig: str = DEFAULT_DEFCONFIG, *, buildroot_dir: Path | None = None,
                          dl_dir: Path | None = None, offline: bool = False, toolchain: str = "buildroot",
                          fragments: list[Path] | tuple[Path, ...] = (), build_dir: Path | None = None,
-                         log=lambda msg: None) -> dict:
-    """Build the guest artifacts of `defconfig` (buildroot-external/configs/) with the Buildroot tree
-    `buildroot_dir` into `out`; returns the manifest written there.
+                         cache_dir: Path | None = None, buildroot_url: str | None = None,
+                         buildroot_source: dict | None = None, log=lambda msg: None) -> dict:
+    """Build the guest artifacts of `defconfig` (buildroot-external/configs/) with Buildroot into `out`,
+    on this host; returns the manifest written there.
 
+    buildroot_dir: a Buildroot tree; None: the pinned release BUILDROOT_VERSION, downloaded from
+    buildroot_url (default DEFAULT_BUILDROOT_URL) into the cache (cache_dir) with its sha256 checked.
+    buildroot_source: the manifest's sources.buildroot record when the caller resolved the tree itself.
     dl_dir: Buildroot's download directory (BR2_DL_DIR). offline: every source archive must already be
     in dl_dir; all missing ones are named (CacheMissError) before anything is built.
     toolchain: "buildroot" (Buildroot builds its own cross toolchain) or "host" (Debian's cross-gcc 12
@@ -259,26 +426,19 @@ def build_with_buildroot(out: Path, defconfig: str = DEFAULT_DEFCONFIG, *, build
     BR2_LINUX_KERNEL_CUSTOM_TARBALL_LOCATION for a lab without Buildroot's download servers.
     build_dir: Buildroot's O= (default: a fixed directory in the cache)."""
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise BuildInputError(f"--out {out} exists and is not a directory")
-    if toolchain not in TOOLCHAINS:
-        raise BuildInputError(f"unknown toolchain {toolchain!r}; expected one of {', '.join(TOOLCHAINS)}")
-    if buildroot_dir is None:
-        raise BuildInputError(f"the Buildroot engine needs --buildroot-dir (a Buildroot {BUILDROOT_VERSION} tree)")
-    buildroot_dir = Path(buildroot_dir).resolve()
+    check_inputs(out, defconfig, dl_dir=dl_dir, offline=offline, toolchain=toolchain, fragments=fragments)
+    if shutil.which("make") is None:
+        raise ToolMissingError("the Buildroot engine needs make (Debian package build-essential)")
+    buildroot_dir, source = resolve_buildroot(buildroot_dir, cache_dir=cache_dir, buildroot_url=buildroot_url,
+                                              offline=offline, log=log)
+    source = {**source, **(buildroot_source or {})}
     version = buildroot_version(buildroot_dir)
     if version != BUILDROOT_VERSION:
         log(f"note: Buildroot {version}; buildroot-external/ is tested with {BUILDROOT_VERSION}")
-    if offline and dl_dir is None:
-        raise BuildInputError("--offline with the Buildroot engine needs --dl-dir (the pre-populated downloads)")
-    if dl_dir is not None and not Path(dl_dir).is_dir():
-        raise BuildInputError(f"--dl-dir {dl_dir} is not a directory")
-    if shutil.which("make") is None:
-        raise ToolMissingError("the Buildroot engine needs make (Debian package build-essential)")
     dc_text = defconfig_path(defconfig).read_text()
     fragment_texts = [read_fragment(f) for f in fragments]
 
-    build_dir = Path(build_dir) if build_dir else _default_build_root() / f"{defconfig.removesuffix('_defconfig')}-{toolchain}"
+    build_dir = Path(build_dir) if build_dir else _default_build_root(cache_dir) / f"{defconfig.removesuffix('_defconfig')}-{toolchain}"
     build_dir = build_dir.resolve()
     build_dir.mkdir(parents=True, exist_ok=True)
     log_file = build_dir / "dirtylog-build.log"
@@ -334,24 +494,30 @@ def build_with_buildroot(out: Path, defconfig: str = DEFAULT_DEFCONFIG, *, build
     except (OSError, ValueError) as exc:
         raise BuildError(f"Buildroot finished but {published}/manifest.json is unreadable ({exc}); "
                          "did the post-image script run?") from None
-    manifest["reproducer"] = reproducer(out, defconfig, toolchain=toolchain, buildroot_dir=buildroot_dir,
+    pinned = "sha256" in source
+    manifest["reproducer"] = reproducer(out, defconfig, toolchain=toolchain,
+                                        buildroot_dir=None if pinned else buildroot_dir,
+                                        buildroot_url=source.get("url") if pinned else None,
                                         dl_dir=dl_dir, fragments=fragments)
     if fragments:
         manifest.setdefault("sources", {})["br2_fragments"] = [
             {"path": str(Path(f).resolve()), "sha256": hashlib.sha256(t.encode()).hexdigest()}
             for f, t in zip(fragments, fragment_texts)]
-    manifest.setdefault("sources", {}).setdefault("buildroot", {})["tested_version"] = BUILDROOT_VERSION
+    manifest.setdefault("sources", {}).setdefault("buildroot", {}).update(source, tested_version=BUILDROOT_VERSION)
     _publish(published, manifest, out)
     return manifest
 
 
-def reproducer(out: Path, defconfig: str, *, toolchain: str, buildroot_dir: Path, dl_dir: Path | None,
-               fragments=()) -> str:
+def reproducer(out: Path, defconfig: str, *, toolchain: str, buildroot_dir: Path | None, dl_dir: Path | None,
+               fragments=(), buildroot_url: str | None = None, runtime: str = "host") -> str:
     arch = next((a for a, d in ARCH_DEFCONFIGS.items() if d == defconfig), None)
-    words = ["dirtylog", "build", "--engine", "buildroot"]
+    words = ["dirtylog", "build", "--engine", "buildroot", "--runtime", runtime]
     if arch and arch != "armv7":
         words += ["--arch", arch]
-    words += ["--buildroot-dir", str(buildroot_dir)]
+    if buildroot_dir is not None:
+        words += ["--buildroot-dir", str(buildroot_dir)]
+    elif buildroot_url and buildroot_url != buildroot_tarball_url():
+        words += ["--buildroot-url", buildroot_url.rsplit("/", 1)[0] + "/"]
     if dl_dir is not None:
         words += ["--dl-dir", str(dl_dir), "--offline"]
     if toolchain != "buildroot":

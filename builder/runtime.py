@@ -293,16 +293,81 @@ class ContainerRuntime:
                 for p in set(out.parent.glob(f".{out.name}.staging-*")) - before:
                     shutil.rmtree(p, ignore_errors=True)
 
+        return self._amend_manifest(out, {
+            "runtime": self.name, "image_id": image_id, "image": tag,
+            "reproducer": (f"dirtylog build --runtime {self.name}" + ("" if arch == "armv7" else f" --arch {arch}")
+                           + f" --out {shlex.quote(str(out))} --offline")})
+
+    def build_buildroot(self, out: Path, defconfig: str, *, buildroot_dir: Path | None = None,
+                        buildroot_url: str | None = None, dl_dir: Path | None = None, offline: bool = False,
+                        toolchain: str = "buildroot", fragments=(), cache_dir: Path | None = None,
+                        log=lambda msg: None) -> dict:
+        """The Buildroot engine in this runtime's container: `dirtylog build --engine buildroot --runtime
+        host` runs there with the Buildroot tree, the download directory (read-write), each fragment and
+        every local path the fragments name mounted at the same absolute paths (read-only), the cache at
+        /cache (Buildroot's output directory: /cache/buildroot-build/in-<runtime>/, its own, apart from
+        the host's builds), the output directory's parent at /out. The pinned Buildroot release is
+        fetched on the host first (the container may not reach its site) into the shared cache."""
+        from builder import buildroot as br
+        from builder.cache import default_cache_dir
+        out = Path(out).absolute()
+        if out.parent == out:
+            raise BuildInputError(f"--out {out}: cannot be the root directory")
+        br.check_inputs(out, defconfig, dl_dir=dl_dir, offline=offline, toolchain=toolchain, fragments=fragments)
+        br.container_mounts(buildroot_dir, dl_dir, fragments)  # its input errors before anything is downloaded
+        cache = Path(cache_dir or default_cache_dir()).absolute()
+        tree, source = br.resolve_buildroot(buildroot_dir, cache_dir=cache, buildroot_url=buildroot_url,
+                                            offline=offline, log=log)
+        mounts = br.container_mounts(tree, dl_dir, fragments)
+        cache.mkdir(parents=True, exist_ok=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tag, image_id = self.ensure_image(log=log)
+
+        arch = next((a for a, d in br.ARCH_DEFCONFIGS.items() if d == defconfig), "armv7")
+        cmd = ["python3", "-m", "dirtylog.cli", "build", "--engine", "buildroot", "--runtime", "host",
+               "--arch", arch, "--buildroot-dir", str(tree), "--toolchain", toolchain,
+               "--out", f"/out/{out.name}", "--cache-dir", "/cache"]
+        if dl_dir is not None:
+            cmd += ["--dl-dir", str(Path(dl_dir).resolve())]
+        if offline:
+            cmd.append("--offline")
+        for f in fragments:
+            cmd += ["--br2-fragment", str(Path(f).resolve())]
+        volumes = {path: {"bind": path, "mode": mode} for path, mode in mounts.items()}
+        volumes[str(out.parent)] = {"bind": "/out", "mode": "rw"}
+        for path, mode in mounts.items():
+            log(f"{self.name}: mount {path} ({mode})")
+        before = set(out.parent.glob(f".{out.name}.staging-*"))
+        ok = False
+        try:
+            self._run_in_container(tag, cmd, cache, volumes, log, killed_note=f"nothing was written to {out}",
+                                   extra_env={br.BUILD_ROOT_ENV: f"/cache/buildroot-build/in-{self.name}"})
+            ok = True
+        finally:
+            if not ok:
+                import shutil
+                for p in set(out.parent.glob(f".{out.name}.staging-*")) - before:
+                    shutil.rmtree(p, ignore_errors=True)
+        old = json.loads((out / "manifest.json").read_text()) if (out / "manifest.json").is_file() else {}
+        sources = dict(old.get("sources") or {})
+        pinned = "sha256" in source  # then the tree the container saw is the release's unpacked copy
+        sources["buildroot"] = {**{k: v for k, v in (sources.get("buildroot") or {}).items()
+                                   if not (pinned and k == "tree")}, **source}
+        return self._amend_manifest(out, {
+            "runtime": self.name, "image_id": image_id, "image": tag, "sources": sources,
+            "reproducer": br.reproducer(out, defconfig, toolchain=toolchain, runtime=self.name,
+                                        buildroot_dir=None if pinned else tree,
+                                        buildroot_url=source.get("url") if pinned else None,
+                                        dl_dir=dl_dir, fragments=fragments)})
+
+    def _amend_manifest(self, out: Path, updates: dict) -> dict:
+        """Add the runtime's keys to the manifest the container wrote, keeping its owner and mode."""
         manifest_path = out / "manifest.json"
         try:
             manifest = json.loads(manifest_path.read_text())
         except (OSError, ValueError) as e:
             raise BuildError(f"{self.name}: the container's build left no readable {manifest_path}: {e}") from None
-        manifest["runtime"] = self.name
-        manifest["image_id"] = image_id
-        manifest["image"] = tag
-        manifest["reproducer"] = (f"dirtylog build --runtime {self.name}" + ("" if arch == "armv7" else f" --arch {arch}")
-                                  + f" --out {shlex.quote(str(out))} --offline")
+        manifest.update(updates)
         st = manifest_path.stat()
         tmp = manifest_path.with_name(".manifest.json.tmp")
         tmp.write_text(json.dumps(manifest, indent=2) + "\n")
@@ -316,7 +381,7 @@ class ContainerRuntime:
         return manifest
 
     def _run_in_container(self, tag: str, cmd: list[str], cache: Path, volumes: dict, log,
-                          killed_note: str = "") -> None:
+                          killed_note: str = "", extra_env: dict | None = None) -> None:
         """Run `cmd` in one fresh container of `tag` (checkout at /src read-only, cache at /cache),
         as the calling user; map its exit status to typed errors; always remove the container."""
         import docker.errors
@@ -325,6 +390,10 @@ class ContainerRuntime:
                "DIRTYLOG_CACHE": "/cache"}
         if "SOURCE_DATE_EPOCH" in os.environ:
             env["SOURCE_DATE_EPOCH"] = os.environ["SOURCE_DATE_EPOCH"]
+        env.update(extra_env or {})
+        niceness = os.nice(0)
+        if niceness > 0:  # the engine starts it, not this process: pass the caller's `nice` on
+            cmd = ["nice", "-n", str(niceness), *cmd]
         name = f"dirtylog-build-{uuid.uuid4().hex[:12]}"
         container = None
         note = f"; {killed_note}" if killed_note else ""
@@ -492,6 +561,10 @@ class HostRuntime:
         from builder.build import build_artifacts
         kw = {} if arch == "armv7" else {"arch": arch}
         return build_artifacts(Path(out), offline=offline, mirror=mirror, cache_dir=cache_dir, log=log, **kw)
+
+    def build_buildroot(self, out: Path, defconfig: str, **kw) -> dict:
+        from builder.buildroot import build_with_buildroot
+        return build_with_buildroot(Path(out), defconfig, **kw)
 
 
 RUNTIMES = {"host": HostRuntime, "docker": DockerRuntime, "podman": PodmanRuntime}

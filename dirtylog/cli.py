@@ -139,8 +139,13 @@ def build_options(f):
                      help="Which Debian QEMU source package the patched QEMU (-savedirtylog) is built from.")(f)
     f = click.option("--engine", type=click.Choice(["debian", "buildroot"]), default="debian", show_default=True,
                      help="debian: Debian's pinned kernel and busybox; buildroot: everything from source "
-                          "through buildroot-external/ (needs --buildroot-dir).")(f)
-    f = click.option("--buildroot-dir", type=click.Path(path_type=Path), help="A Buildroot tree (LTS 2026.02.x).")(f)
+                          "through buildroot-external/ (Buildroot's pinned release, or --buildroot-dir).")(f)
+    f = click.option("--buildroot-dir", type=click.Path(path_type=Path),
+                     help="A Buildroot tree (LTS 2026.02.x); default: the pinned release 2026.02.3, downloaded "
+                          "once with its sha256 checked and kept in the download cache.")(f)
+    f = click.option("--buildroot-url", metavar="URL",
+                     help="Where the pinned Buildroot release tarball is downloaded from (a directory URL; "
+                          "default: https://buildroot.org/downloads/).")(f)
     f = click.option("--dl-dir", type=click.Path(path_type=Path),
                      help="Buildroot download cache; with --offline every missing archive is named first.")(f)
     f = click.option("--toolchain", type=click.Choice(["buildroot", "host"]), default="buildroot",
@@ -155,18 +160,26 @@ def build_options(f):
 
 
 def _build(console, out, offline, mirror, cache_dir, arch, runtime, engine="debian", buildroot_dir=None,
-           dl_dir=None, toolchain="buildroot", br2_fragments=()):
+           dl_dir=None, toolchain="buildroot", br2_fragments=(), buildroot_url=None):
+    from builder.runtime import get_runtime
     if engine == "buildroot":
-        from builder.buildroot import ARCH_DEFCONFIGS, build_with_buildroot
+        from builder.buildroot import ARCH_DEFCONFIGS
         if arch not in ARCH_DEFCONFIGS:
             raise click.BadParameter(f"the buildroot engine builds {', '.join(ARCH_DEFCONFIGS)}", param_hint="--arch")
-        console.step(f"building {arch} guest artifacts from source with Buildroot into {out}")
-        return build_with_buildroot(out, ARCH_DEFCONFIGS[arch], buildroot_dir=buildroot_dir, dl_dir=dl_dir,
-                                    offline=offline, toolchain=toolchain, fragments=br2_fragments,
-                                    log=console.step)
-    if buildroot_dir or dl_dir or br2_fragments:
-        raise click.UsageError("--buildroot-dir, --dl-dir and --br2-fragment go with --engine buildroot")
-    from builder.runtime import get_runtime
+        if buildroot_dir and buildroot_url:
+            raise click.UsageError("--buildroot-url and --buildroot-dir exclude each other")
+        rt = get_runtime(runtime, log=console.detail)
+        console.step(f"building {arch} guest artifacts from source with Buildroot into {out} (runtime: {rt.name})")
+        manifest = rt.build_buildroot(out, ARCH_DEFCONFIGS[arch], buildroot_dir=buildroot_dir,
+                                      buildroot_url=buildroot_url, dl_dir=dl_dir, offline=offline,
+                                      toolchain=toolchain, fragments=br2_fragments, cache_dir=cache_dir,
+                                      log=console.step)
+        for entry in manifest.get("files", []):
+            console.step(f"  {entry['name']}  {entry['sha256']}")
+        return manifest
+    if buildroot_dir or dl_dir or br2_fragments or buildroot_url:
+        raise click.UsageError("--buildroot-dir, --buildroot-url, --dl-dir and --br2-fragment go with "
+                               "--engine buildroot")
     rt = get_runtime(runtime, log=console.detail)
     console.step(f"building {arch} guest artifacts into {out} (runtime: {rt.name})")
     manifest = rt.build(out, arch=arch, offline=offline, mirror=mirror, cache_dir=cache_dir, log=console.step)
@@ -204,8 +217,8 @@ def _build_patched_qemu(console, out, version, mirror, cache_dir, offline, runti
               help="patched: also build (or reuse) QEMU with -savedirtylog from Debian's source package, "
                    "recorded in the manifest so that verify uses it.")
 @click.pass_obj
-def build(console, out, offline, mirror, cache_dir, arch, runtime, engine, buildroot_dir, dl_dir, toolchain,
-          br2_fragments, qemu_version, qemu_kind):
+def build(console, out, offline, mirror, cache_dir, arch, runtime, engine, buildroot_dir, buildroot_url, dl_dir,
+          toolchain, br2_fragments, qemu_version, qemu_kind):
     """Build the guest artifacts and manifest.json.
 
     armv7: zImage, guest_a15x2.dtb, initrd.cpio-dirtyram.gz, dirtyram.arm; aarch64: Image,
@@ -213,7 +226,7 @@ def build(console, out, offline, mirror, cache_dir, arch, runtime, engine, build
     dirtyram.x86_64.
     """
     _build(console, out, offline, mirror, cache_dir, arch, runtime, engine, buildroot_dir, dl_dir, toolchain,
-           br2_fragments)
+           br2_fragments, buildroot_url)
     if qemu_kind == "patched":
         _build_patched_qemu(console, out, qemu_version, mirror, cache_dir, offline, runtime)
     click.echo(str(out / "manifest.json"))
@@ -438,15 +451,15 @@ def verify_cmd(ctx, artifacts, matrix_file, jobs, shard, junit_path, html_path, 
 @build_options
 @verify_options
 @click.pass_obj
-def make_and_verify(console, out, offline, mirror, cache_dir, arch, runtime, engine, buildroot_dir, dl_dir,
-                    toolchain, br2_fragments, qemu_version, **kw):
+def make_and_verify(console, out, offline, mirror, cache_dir, arch, runtime, engine, buildroot_dir, buildroot_url,
+                    dl_dir, toolchain, br2_fragments, qemu_version, **kw):
     """The one-shot: build the guest artifacts and (armv7) QEMU with -savedirtylog, then verify.
 
     --qemu patched (default for armv7) builds or reuses the patched QEMU; --qemu stock uses the
     system's qemu-system-*; --qemu PATH a binary of your own.
     """
     _build(console, out, offline, mirror, cache_dir, arch, runtime, engine, buildroot_dir, dl_dir, toolchain,
-           br2_fragments)
+           br2_fragments, buildroot_url)
     choice = kw["qemu"] or ("patched" if arch == "armv7" else "stock")
     if choice == "patched":
         kw["qemu"] = _build_patched_qemu(console, out, qemu_version, mirror, cache_dir, offline, runtime)

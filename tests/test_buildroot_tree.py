@@ -3,7 +3,10 @@
 Fast and offline: the Kconfig files are parsed with kconfiglib against stubs of the Buildroot symbols
 they use, the .mk files are checked against Buildroot's naming rules, and the post-image script runs
 on a fake BINARIES_DIR whose manifest the verifier must accept. A real Buildroot build runs only when
-DIRTYLOG_BUILDROOT_DIR and DIRTYLOG_BUILDROOT_DL_DIR are set (opt-in).
+DIRTYLOG_BUILDROOT_DIR and DIRTYLOG_BUILDROOT_DL_DIR are set (opt-in), on the host and (with a docker
+engine) in the builder container. The pinned release download is exercised only on its failure paths
+(a local HTTP server with a wrong tarball, an unreachable site, --offline without it): this project's
+machines cannot reach Buildroot's site.
 """
 
 from __future__ import annotations
@@ -431,7 +434,6 @@ def _fake_buildroot(tmp_path: Path, version: str = "2026.02.3") -> Path:
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({}, "needs --buildroot-dir"),
     ({"toolchain": "clang"}, "unknown toolchain"),
     ({"buildroot_dir": "/nonexistent"}, "not a Buildroot tree"),
     ({"buildroot_dir": "BR", "offline": True}, "needs --dl-dir"),
@@ -451,11 +453,195 @@ def test_buildroot_version_is_read_from_the_tree(tmp_path):
 def test_reproducer_names_the_engine_and_its_inputs(tmp_path):
     cmd = buildroot.reproducer(tmp_path / "out", "dirtylog_aarch64_virt_defconfig", toolchain="host",
                                buildroot_dir=Path("/br"), dl_dir=Path("/dl"))
-    assert cmd.startswith("dirtylog build --engine buildroot --arch aarch64 --buildroot-dir /br --dl-dir /dl --offline")
+    assert cmd.startswith("dirtylog build --engine buildroot --runtime host --arch aarch64 --buildroot-dir /br "
+                          "--dl-dir /dl --offline")
     assert "--toolchain host" in cmd
     cmd = buildroot.reproducer(tmp_path / "out", "dirtylog_vexpress_a15_defconfig", toolchain="host",
-                               buildroot_dir=Path("/br"), dl_dir=Path("/dl"), fragments=[Path("/lab/offline.config")])
-    assert "--br2-fragment /lab/offline.config --out" in cmd
+                               buildroot_dir=Path("/br"), dl_dir=Path("/dl"), fragments=[Path("/lab/offline.config")],
+                               runtime="docker")
+    assert "--runtime docker" in cmd and "--br2-fragment /lab/offline.config --out" in cmd
+    # The pinned release: no tree named; another release site is.
+    cmd = buildroot.reproducer(tmp_path / "out", "dirtylog_vexpress_a15_defconfig", toolchain="buildroot",
+                               buildroot_dir=None, dl_dir=None, buildroot_url=buildroot.buildroot_tarball_url())
+    assert "--buildroot-dir" not in cmd and "--buildroot-url" not in cmd
+    cmd = buildroot.reproducer(tmp_path / "out", "dirtylog_vexpress_a15_defconfig", toolchain="buildroot",
+                               buildroot_dir=None, dl_dir=None,
+                               buildroot_url="http://lab/br/" + buildroot.BUILDROOT_TARBALL)
+    assert "--buildroot-url http://lab/br/ " in cmd
+
+
+# -- the pinned Buildroot release (no network to Buildroot's site here: only the failure paths and
+#    the reuse of an already unpacked tree are exercised; a successful download is not) ------------
+
+def _serve(directory: Path):
+    """A real HTTP server (python -m http.server) on a free local port; returns (process, base URL)."""
+    import socket
+    import sys
+    import time
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                             "--directory", str(directory)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    return proc, f"http://127.0.0.1:{port}/"
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]  # closed again: connections to it are refused
+
+
+def test_pinned_release_is_the_2026_02_3_lts_tarball():
+    assert buildroot.BUILDROOT_TARBALL == "buildroot-2026.02.3.tar.xz"
+    assert buildroot.BUILDROOT_SHA256 == "5a59e7501b0b4ec52c41f4bfa79412320e0b37eae5f719605a258e8d0c6fc7fb"
+    assert buildroot.buildroot_tarball_url() == "https://buildroot.org/downloads/buildroot-2026.02.3.tar.xz"
+    assert buildroot.buildroot_tarball_url("http://lab/br") == "http://lab/br/buildroot-2026.02.3.tar.xz"
+    with pytest.raises(BuildInputError, match="http:// or https://"):
+        buildroot.buildroot_tarball_url("ftp://lab/br/")
+
+
+def test_served_tarball_with_another_sha256_is_refused_and_nothing_is_kept(tmp_path):
+    from builder.errors import IntegrityError
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / buildroot.BUILDROOT_TARBALL).write_bytes(b"not the Buildroot release\n" * 1000)
+    proc, url = _serve(site)
+    try:
+        with pytest.raises(IntegrityError, match="sha256 mismatch"):
+            buildroot.fetch_buildroot(tmp_path / "cache", url)
+    finally:
+        proc.terminate()
+        proc.wait()
+    assert not list((tmp_path / "cache" / "sha256").iterdir())  # no partial file, nothing cached
+    assert not (tmp_path / "cache" / "buildroot").exists()  # nothing unpacked
+
+
+def test_cli_served_tarball_with_another_sha256_is_one_line_exit_3(tmp_path):
+    from conftest import run_dirtylog
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / buildroot.BUILDROOT_TARBALL).write_bytes(b"\xfd7zXZ\0 truncated")
+    proc, url = _serve(site)
+    try:
+        res = run_dirtylog("build", "--engine", "buildroot", "--runtime", "host", "--buildroot-url", url,
+                           "--cache-dir", tmp_path / "cache", "--out", tmp_path / "out", timeout=120)
+    finally:
+        proc.terminate()
+        proc.wait()
+    assert res.returncode == 3 and "Traceback" not in res.stderr, res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("dirtylog: error: ") and "sha256 mismatch" in last and buildroot.BUILDROOT_SHA256 in last
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache" / "buildroot").exists()
+
+
+def test_cli_unreachable_release_site_is_exit_3_in_bounded_time(tmp_path):
+    import time
+    from conftest import run_dirtylog
+    url = f"http://127.0.0.1:{_free_port()}/downloads/"
+    t0 = time.monotonic()
+    res = run_dirtylog("build", "--engine", "buildroot", "--runtime", "host", "--buildroot-url", url,
+                       "--cache-dir", tmp_path / "cache", "--out", tmp_path / "out", timeout=120)
+    assert time.monotonic() - t0 < 60
+    assert res.returncode == 3 and "Traceback" not in res.stderr, res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert url + buildroot.BUILDROOT_TARBALL in last and "--buildroot-dir" in last
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache" / "buildroot").exists()
+
+
+def test_cli_offline_without_the_cached_tarball_names_it_exit_3(tmp_path):
+    from conftest import run_dirtylog
+    dl = tmp_path / "dl"
+    dl.mkdir()
+    res = run_dirtylog("build", "--engine", "buildroot", "--runtime", "host", "--offline", "--dl-dir", dl,
+                       "--cache-dir", tmp_path / "cache", "--out", tmp_path / "out", timeout=120)
+    assert res.returncode == 3 and "Traceback" not in res.stderr, res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert buildroot.BUILDROOT_TARBALL in last and buildroot.BUILDROOT_SHA256 in last and "--offline" in last
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_buildroot_url_goes_with_the_buildroot_engine_only(tmp_path):
+    from conftest import run_dirtylog
+    res = run_dirtylog("build", "--buildroot-url", "http://lab/", "--out", tmp_path / "out")
+    assert res.returncode == 2 and "go with --engine buildroot" in res.stderr
+    res = run_dirtylog("build", "--engine", "buildroot", "--runtime", "host", "--buildroot-url", "http://lab/",
+                       "--buildroot-dir", _fake_buildroot(tmp_path), "--out", tmp_path / "out")
+    assert res.returncode == 2 and "exclude each other" in res.stderr
+
+
+def test_an_unpacked_pinned_release_in_the_cache_is_reused_without_network(tmp_path):
+    # What a first successful download leaves: <cache>/buildroot/<version>-<sha256[:16]>/buildroot-<version>/.
+    tree = (tmp_path / "cache" / "buildroot" / f"{buildroot.BUILDROOT_VERSION}-{buildroot.BUILDROOT_SHA256[:16]}"
+            / f"buildroot-{buildroot.BUILDROOT_VERSION}")
+    tree.mkdir(parents=True)
+    (tree / "Makefile").write_text(f"export BR2_VERSION := {buildroot.BUILDROOT_VERSION}\n")
+    got, record = buildroot.fetch_buildroot(tmp_path / "cache", f"http://127.0.0.1:{_free_port()}/", offline=True)
+    assert got == tree
+    assert record["version"] == buildroot.BUILDROOT_VERSION and record["sha256"] == buildroot.BUILDROOT_SHA256
+    assert record["url"].endswith("/" + buildroot.BUILDROOT_TARBALL)
+
+
+# -- what a container build mounts -------------------------------------------------------------------
+
+def test_container_mounts_cover_every_local_path_a_lab_fragment_names(tmp_path):
+    lab = tmp_path / "lab"
+    for d in ("stubs/tar", "stubs/bison", "patches/linux"):
+        (lab / d).mkdir(parents=True)
+    (lab / "linux.tar.xz").write_bytes(b"")
+    (lab / "local.mk").write_text(f"HOST_TAR_OVERRIDE_SRCDIR = {lab}/stubs/tar\n"
+                                  f"HOST_BISON_OVERRIDE_SRCDIR = {lab}/stubs/bison\n"
+                                  "override HOST_TAR_DEPENDENCIES =\n# HOST_X_OVERRIDE_SRCDIR = /nowhere\n")
+    frag = lab / "offline.config"
+    frag.write_text(f'BR2_PACKAGE_OVERRIDE_FILE="{lab}/local.mk"\n'
+                    f'BR2_GLOBAL_PATCH_DIR="$(BR2_EXTERNAL_DIRTYLOG_PATH)/board/dirtylog/patches {lab}/patches"\n'
+                    f'BR2_LINUX_KERNEL_CUSTOM_TARBALL_LOCATION="file://{lab}/linux.tar.xz"\n'
+                    'BR2_TARGET_GENERIC_HOSTNAME="/usr/bin"\n')
+    br, dl = _fake_buildroot(tmp_path), tmp_path / "dl"
+    dl.mkdir()
+    mounts = buildroot.container_mounts(br, dl, [frag])
+    assert mounts == {str(br): "ro", str(dl): "rw", str(frag): "ro", str(lab / "local.mk"): "ro",
+                      str(lab / "patches"): "ro", str(lab / "linux.tar.xz"): "ro",
+                      str(lab / "stubs" / "tar"): "ro", str(lab / "stubs" / "bison"): "ro"}
+    # A download directory inside a read-only tree stays writable; paths inside a mount are not repeated.
+    (br / "dl").mkdir()
+    assert buildroot.container_mounts(br, br / "dl", []) == {str(br): "ro", str(br / "dl"): "rw"}
+    assert buildroot.container_mounts(tmp_path, None, [frag]) == {str(tmp_path): "ro"}
+
+
+# What Buildroot's support/dependencies/dependencies.sh looks for, and what the offline lab's host-tool
+# stand-ins (README) exec.
+BUILDROOT_HOST_PROGRAMS = ("which sed make ld gcc g++ bash patch gzip bzip2 perl tar cpio unzip rsync file bc find "
+                           "xargs cmp awk wget python3 bison flex m4 kmod patchelf fakeroot pkgconf")
+BUILDROOT_PERL_MODULES = ("Data::Dumper", "English", "ExtUtils::MakeMaker", "Thread::Queue", "FindBin", "IPC::Cmd")
+
+
+def test_builder_image_has_what_buildroot_checks_for():
+    from builder.runtime import DockerRuntime
+    rt = DockerRuntime()
+    if not rt.available():
+        pytest.skip("no docker engine answers")
+    tag, _ = rt.ensure_image()
+    script = (f"for p in {BUILDROOT_HOST_PROGRAMS}; do command -v $p >/dev/null || echo MISSING $p; done; "
+              "perl " + " ".join(f"-M{m}" for m in BUILDROOT_PERL_MODULES) + " -e 1 || echo MISSING perl modules")
+    output = rt.client.containers.run(tag, ["sh", "-c", script], entrypoint=[], remove=True).decode()
+    assert "MISSING" not in output, output
+
+
+def test_container_mounts_refuse_a_tree_the_container_cannot_see_at_its_path(tmp_path):
+    with pytest.raises(BuildInputError, match="--buildroot-dir /usr/share"):
+        buildroot.container_mounts(Path("/usr/share"), None, [])
+    bad = tmp_path / "bad.config"
+    bad.write_text("nope\n")
+    with pytest.raises(BuildInputError, match="not a Buildroot option line"):
+        buildroot.container_mounts(_fake_buildroot(tmp_path), None, [bad])
 
 
 def test_host_toolchain_prefix_follows_the_defconfig_architecture():
@@ -517,3 +703,30 @@ def test_full_buildroot_build_gives_artifacts_the_verifier_accepts(tmp_path):
     assert manifest["engine"] == "buildroot" and art.machine == "vexpress-a15" and art.min_mem_mb == 32
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["reproducer"].startswith(
         "dirtylog build --engine buildroot")
+    _FULL_BUILD_HASHES["host"] = {f["name"]: f["sha256"] for f in manifest["files"]}
+
+
+_FULL_BUILD_HASHES: dict[str, dict] = {}
+
+
+@pytest.mark.skipif(not (BUILDROOT_DIR and BUILDROOT_DL_DIR),
+                    reason="opt-in full Buildroot build in the builder container: set DIRTYLOG_BUILDROOT_DIR and "
+                           "DIRTYLOG_BUILDROOT_DL_DIR (and have a docker engine); takes 10+ minutes")
+def test_full_buildroot_build_in_the_docker_container(tmp_path):
+    # Same inputs as the host test above; when both ran in this session, the artifacts must be identical.
+    from builder.runtime import DockerRuntime
+    rt = DockerRuntime()
+    if not rt.available():
+        pytest.skip("no docker engine answers")
+    toolchain = os.environ.get("DIRTYLOG_BUILDROOT_TOOLCHAIN", "buildroot")
+    fragments = [Path(f) for f in os.environ.get("DIRTYLOG_BUILDROOT_FRAGMENTS", "").split(os.pathsep) if f]
+    manifest = rt.build_buildroot(tmp_path / "out", buildroot.DEFAULT_DEFCONFIG, buildroot_dir=Path(BUILDROOT_DIR),
+                                  dl_dir=Path(BUILDROOT_DL_DIR), offline=True, toolchain=toolchain,
+                                  fragments=fragments, cache_dir=tmp_path / "cache")
+    art = load_artifacts(tmp_path / "out")
+    assert art.machine == "vexpress-a15" and art.min_mem_mb == 32
+    assert manifest["runtime"] == "docker" and manifest["image_id"].startswith("sha256:")
+    assert manifest["sources"]["buildroot"]["tree"] == str(Path(BUILDROOT_DIR).resolve())
+    assert manifest["reproducer"].startswith("dirtylog build --engine buildroot --runtime docker")
+    if "host" in _FULL_BUILD_HASHES:
+        assert {f["name"]: f["sha256"] for f in manifest["files"]} == _FULL_BUILD_HASHES["host"]
