@@ -126,9 +126,23 @@ except docker.errors.DockerException as e:
 sys.exit(0 if out.strip() == b"65534" else 1)
 PY
 }
+# A service started by an earlier run of this script whose state directory has since been removed
+# (a deleted checkout) runs with a CONTAINERS_CONF that no longer exists: its containers fail to
+# start (runc: "error setting rlimit", or "write child: broken pipe"). Adopt it, so it is restarted
+# below with this state directory's containers.conf.
+adopt_stale() {
+  local pid cc
+  ours && return 1
+  pid=$(pgrep -o -f "podman system service .*$SOCK" || true)
+  [ -n "$pid" ] || return 1
+  cc=$($SUDO tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null | sed -n 's/^CONTAINERS_CONF=//p')
+  [ -n "$cc" ] && [ ! -e "$cc" ] || return 1
+  say "the podman service (pid $pid) runs with a CONTAINERS_CONF that no longer exists ($cc): taking it over"
+  echo "$pid" >"$pidfile"
+}
 if err=$(probe 2>&1); then
   say "a container starts through podman's API"
-elif [[ $err == *"error setting rlimit"* ]] && ours; then
+elif { [[ $err == *"error setting rlimit"* ]] || adopt_stale; } && ours; then
   pid=$(cat "$pidfile")
   nofile=$(awk '/^Max open files/{print $5}' "/proc/$pid/limits")
   nproc=$(awk '/^Max processes/{print $4}' "/proc/$pid/limits")
