@@ -99,6 +99,20 @@ def arch_build(arch: str) -> ArchBuild:
         raise BuildInputError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCH_BUILDS)}") from None
 
 
+def publish_staged(staging: Path, out: Path, names: list[str], manifest: dict) -> None:
+    """Move the files `names` from `staging` into `out`, then their manifest, last: a reader of
+    `out` never sees a manifest describing files that are not there yet (or old ones)."""
+    (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "manifest.json").unlink(missing_ok=True)  # an old manifest must not describe new files
+    for name in _ALL_ARTIFACT_NAMES:  # another architecture's files must not linger beside these
+        if name not in names and (out / name).is_file():
+            (out / name).unlink()
+    for name in names:
+        os.replace(staging / name, out / name)
+    os.replace(staging / "manifest.json", out / "manifest.json")
+
+
 def build_artifacts(out: Path, *, arch: str = "armv7", offline: bool = False, mirror: str | None = None,
                     cache_dir: Path | None = None, lock_path: Path | None = None,
                     log=lambda msg: None) -> dict:
@@ -176,15 +190,7 @@ def build_artifacts(out: Path, *, arch: str = "armv7", offline: bool = False, mi
             "source_date_epoch": epoch,
             "reproducer": reproducer + " --out " + shlex.quote(str(out)) + " --offline",
         }
-        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "manifest.json").unlink(missing_ok=True)  # an old manifest must not describe new files
-        for name in _ALL_ARTIFACT_NAMES:  # another architecture's files must not linger beside these
-            if name not in roles and (out / name).is_file():
-                (out / name).unlink()
-        for name in roles:
-            os.replace(staging / name, out / name)
-        os.replace(staging / "manifest.json", out / "manifest.json")
+        publish_staged(staging, out, list(roles), manifest)
         return manifest
     finally:
         shutil.rmtree(staging, ignore_errors=True)

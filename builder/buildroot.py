@@ -28,7 +28,7 @@ import tempfile
 from collections import deque
 from pathlib import Path
 
-from .build import _ALL_ARTIFACT_NAMES
+from .build import publish_staged
 from .errors import BuildError, BuildInputError, CacheMissError, DownloadError, IntegrityError, ToolMissingError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -539,14 +539,6 @@ def _publish(published: Path, manifest: dict, out: Path) -> None:
             if not src.is_file():
                 raise BuildError(f"{src} named in the manifest is missing")
             shutil.copyfile(src, staging / name)
-        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "manifest.json").unlink(missing_ok=True)  # an old manifest must not describe new files
-        for name in _ALL_ARTIFACT_NAMES:  # another architecture's files must not linger beside these
-            if name not in names and (out / name).is_file():
-                (out / name).unlink()
-        for name in names:
-            os.replace(staging / name, out / name)
-        os.replace(staging / "manifest.json", out / "manifest.json")
+        publish_staged(staging, out, names, manifest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

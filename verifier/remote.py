@@ -25,7 +25,6 @@ Design:
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import secrets
@@ -40,6 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .artifacts import sha256_file
 from .compare import DEFAULT_PAGE_SIZE, CompareResult
 from .errors import InputError, QemuError, VerifyError
 from .qemu import QemuBinary, QemuProcess, SerialConsole
@@ -173,7 +173,7 @@ class Host:
     def put(self, local: Path, remote_path: str) -> int:
         """Copy a file; verified by sha256 on arrival; skipped when it is already there.
         Returns the bytes sent (0 when skipped)."""
-        data_sha = _sha256(local)
+        data_sha = sha256_file(local)
         q = shlex.quote(remote_path)
         res = self.sh(f"sha256sum {q} 2>/dev/null || true", what=f"sha256sum {remote_path}")
         if res.stdout.decode().split()[:1] == [data_sha]:
@@ -194,7 +194,7 @@ class Host:
 
     def put_cached(self, local: Path) -> tuple[str, int]:
         """Copy into the host's content-addressed file cache; returns (remote path, bytes sent)."""
-        digest = _sha256(local)
+        digest = sha256_file(local)
         remote = f"{self.base_dir}/files/{digest[:16]}-{local.name}"
         return remote, self.put(local, remote)
 
@@ -279,14 +279,6 @@ class SshHost(Host):
 
     def forwarded(self, remote_path, local_path):
         return local_path
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # -- remote QEMU ---------------------------------------------------------------------------------
