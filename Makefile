@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup setup-docker setup-podman run test test-fast test-container clean
+.PHONY: setup setup-docker setup-podman run test test-fast test-container check-setup clean
 
 setup: $(VENV)/.installed
 
@@ -30,6 +30,7 @@ setup-podman: setup-docker
 # Everything: end-to-end tests with real QEMU migrations and real container builds included.
 test: setup setup-docker setup-podman
 	$(PY) -m pytest -v -rs
+	PYTHON=$(PY) bash scripts/check-setup.sh .ci-state
 
 # Unit tests only (no guest boots, no containers).
 test-fast: setup
@@ -37,6 +38,11 @@ test-fast: setup
 
 test-container: setup-docker setup-podman
 	$(PY) -m pytest -v -rs -m container
+
+# The fresh-machine guard: setup-host.sh in a container from the bare debootstrap base image, then
+# the tests that need no QEMU boot, engine or root networking, with every skip a failure.
+check-setup: setup-docker
+	PYTHON=$(PY) bash scripts/check-setup.sh .ci-state
 
 clean:
 	rm -rf $(VENV) artifacts dirtylog-runs

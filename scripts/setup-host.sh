@@ -17,7 +17,7 @@ packages=(
   ninja-build pkg-config patch meson libglib2.0-dev zlib1g-dev libfdt-dev  # QEMU with -savedirtylog
   openssh-client openssh-server iproute2       # two hosts (the tests make them with netns + sshd)
   # for the tests only: running armv7 binaries, negative ELF cases, a signed fake archive
-  qemu-user-static gcc-arm-linux-gnueabi gpg
+  qemu-user-static gcc-arm-linux-gnueabi libc6-dev-armel-cross gpg gpg-agent
   chromium fonts-liberation                    # rendering the HTML report headless
 )
 missing=()

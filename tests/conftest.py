@@ -48,3 +48,15 @@ def qemu_processes_under(path: Path) -> list[str]:
         if "qemu-system" in exe and cwd.startswith(str(path)):
             found.append(f"{pid} {exe} {cwd}")
     return found
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """DIRTYLOG_NO_SKIPS=1 (scripts/check-setup.sh): a skip is a failure, so a program a test needs
+    and the setup never installs cannot hide behind "not installed"."""
+    outcome = yield
+    report = outcome.get_result()
+    if os.environ.get("DIRTYLOG_NO_SKIPS") == "1" and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped under DIRTYLOG_NO_SKIPS=1: {reason}"
