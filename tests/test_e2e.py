@@ -103,17 +103,31 @@ def test_vexpress_destination_that_does_not_run_after_migration_is_a_fail(artifa
     """Found here: with Debian's QEMU 7.2 under TCG, a vexpress-a15 guest never runs again on
     the destination (its vCPU loops on the prefetch-abort vector) although its RAM is intact."""
     run_dir = tmp_path / "run"
-    res = run_dirtylog("verify", "--artifacts", artifacts, "--smp", "1", "--run-dir", run_dir)
+    res = run_dirtylog("verify", "--artifacts", artifacts, "--smp", "1", "--machine-opts", "secure=on",
+                       "--run-dir", run_dir)
     report = _report(run_dir)
     assert report["machine"] == "vexpress-a15"
     trial = report["trials"][0]
-    if report["qemu"]["version"].split(".")[0] != "7":
-        pytest.skip(f"pinned for Debian's QEMU 7.2, not {report['qemu']['version']}")
+    assert report["notes"] == []  # the user chose secure=on: no default applied
     assert res.returncode == 1, res.stdout + res.stderr
     assert trial["verdict"] == "fail"
     assert trial["resume"]["ok"] is False
     assert "pc 0xffff000c" in trial["resume"]["detail"]
     assert "destination did not run after resuming" in res.stdout
+
+
+def test_vexpress_under_tcg_defaults_to_secure_off_and_says_why(artifacts, tmp_path):
+    """The 2014 procedure ran under KVM (no EL3: Linux Non-secure); under TCG the faithful default
+    is secure=off, chosen and stated."""
+    run_dir = tmp_path / "run"
+    res = run_dirtylog("verify", "--artifacts", artifacts, "--smp", "1", "--min-passes", "1",
+                       "--capture", "pmemsave", "--run-dir", run_dir)
+    assert res.returncode == 0, res.stdout + res.stderr
+    report = _report(run_dir)
+    assert "vexpress-a15,secure=off" in " ".join(report["trials"][0]["cmdlines"]["src"])
+    assert report["options"]["machine_opts"] == "secure=off"
+    assert report["notes"] and "secure=off chosen" in report["notes"][0]
+    assert "note: vexpress-a15 under TCG: secure=off chosen" in res.stdout
 
 
 def test_vexpress_destination_resumes_when_linux_runs_non_secure(artifacts, tmp_path):

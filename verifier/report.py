@@ -83,6 +83,7 @@ class RunReport:
     finished: str | None = None
     interrupted: bool = False
     command: str = ""
+    notes: list = field(default_factory=list)  # defaults dirtylog chose and why
 
     @classmethod
     def start(cls, run_dir, opts, art, qemu, machine, capture) -> "RunReport":
@@ -138,6 +139,7 @@ class RunReport:
             "capture": self.capture,
             "qemu": self.qemu,
             "options": self.options,
+            "notes": self.notes,
             "artifacts": self.artifacts,
             "trials": [t.to_dict() for t in self.trials],
         }
@@ -164,6 +166,7 @@ class RunReport:
             f"workloads: {' '.join(o['workloads']) or 'none'}; max bandwidth: "
             f"{o['max_bandwidth'] if o['max_bandwidth'] else 'throttled for ' + str(o['min_passes']) + ' passes, then released'}",
         ]
+        lines += [f"note: {n}" for n in self.notes]
         if s["differing_pages"] and s["trials"] > 1:
             d = s["differing_pages"]
             lines.append(f"differing pages per trial: min {d['min']}, median {d['median']}, max {d['max']}")

@@ -131,6 +131,9 @@ def verify(art: GuestArtifacts, opts: VerifyOptions, reporter: Reporter | None =
         fits = ", ".join(m.name for m in MACHINES_BY_ARCH.get(art.arch, []))
         raise InputError(f"--machine {machine.name} runs {machine.arch} guests; these artifacts are {art.arch}"
                          + (f" (use --machine {fits})" if fits else ""))
+    default_note = _faithful_machine_opts(opts, machine)
+    if default_note:
+        reporter.step(default_note)
     hosts = binaries = None
     if _remote.remote_requested(opts):
         _remote.check_remote_options(opts)
@@ -157,6 +160,8 @@ def verify(art: GuestArtifacts, opts: VerifyOptions, reporter: Reporter | None =
     except OSError as exc:
         raise InputError(f"cannot create run directory {run_dir}: {exc.strerror}") from None
     report = RunReport.start(run_dir, opts, art, qemu, machine, capture)
+    if default_note:
+        report.notes.append(default_note)
     if hosts is not None:
         report.qemu.update(_remote.qemu_report(hosts, binaries))  # both hosts' QEMUs
     reporter.step(f"run directory {run_dir}")
@@ -191,6 +196,21 @@ def verify(art: GuestArtifacts, opts: VerifyOptions, reporter: Reporter | None =
 
 
 HUGEPAGE_KB = 2048
+
+SECURE_DEFAULT_NOTE = ("vexpress-a15 under TCG: secure=off chosen, as under KVM in 2014 (no EL3, Linux runs "
+                       "Non-secure); --machine-opts secure=on reproduces QEMU's unmigrated Secure CP15 banks "
+                       "(GitLab #467)")
+
+
+def _faithful_machine_opts(opts: VerifyOptions, machine) -> str:
+    """The 2014 procedure ran vexpress-a15 under KVM, where the guest has no EL3 and Linux runs
+    Non-secure. TCG's default (secure=on) runs Linux in the Secure world instead, whose banked
+    CP15 registers QEMU does not migrate; so under TCG the faithful default is secure=off.
+    Returns the note saying so, or "" when the user chose (or the case does not arise)."""
+    if machine.name != "vexpress-a15" or opts.accel != "tcg" or re.search(r"(^|,)secure=", opts.machine_opts):
+        return ""
+    opts.machine_opts = ",".join(o for o in (opts.machine_opts, "secure=off") if o)
+    return SECURE_DEFAULT_NOTE
 
 
 def _check_host_backing(opts: VerifyOptions) -> None:
