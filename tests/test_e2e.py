@@ -114,6 +114,8 @@ def test_vexpress_destination_that_does_not_run_after_migration_is_a_fail(artifa
     assert trial["resume"]["ok"] is False
     assert "pc 0xffff000c" in trial["resume"]["detail"]
     assert "destination did not run after resuming" in res.stdout
+    assert "known finding arm-secure-cp15-banks-not-migrated" in res.stdout
+    assert [f["id"] for f in trial["known_findings"]] == ["arm-secure-cp15-banks-not-migrated"]
 
 
 def test_vexpress_under_tcg_defaults_to_secure_off_and_says_why(artifacts, tmp_path):

@@ -37,6 +37,8 @@ class TrialResult:
     injection: dict = field(default_factory=dict)
     page_sizes: dict = field(default_factory=dict)
     cmdlines: dict = field(default_factory=dict)
+    cpu_state: dict = field(default_factory=dict)  # verifier.cpustate.compare(), or {"skipped": why}
+    known_findings: list = field(default_factory=list)  # verifier.findings.match() of a failed trial
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -179,6 +181,10 @@ class RunReport:
                 lines.append(f"  error: {t.error}")
             if t.resume and not t.resume.get("ok"):
                 lines.append(f"  destination did not run after resuming: {t.resume.get('detail')}")
+            for f in t.known_findings:
+                lines.append(f"  {f['sentence']}")
+            if t.verdict == "fail" and not t.known_findings:
+                lines.append(f"  not a known finding; the evidence is in {t.directory}")
             if t.page_sizes:
                 lines.append("  pages: " + _page_sizes_text(t.page_sizes))
             if t.injection.get("injected"):

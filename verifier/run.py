@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import capture as _capture
+from . import findings as _findings
 from . import inject as _inject
 from . import remote as _remote
 from .artifacts import GuestArtifacts
@@ -180,6 +181,10 @@ def verify(art: GuestArtifacts, opts: VerifyOptions, reporter: Reporter | None =
                 trial.error_exit_code = exc.exit_code
                 reporter.step(f"trial {index}: error: {exc}")
                 break
+            if trial.verdict == "fail":
+                trial.known_findings = _findings.match(trial, _findings.Context(
+                    machine=machine.name, accel=opts.accel, qemu_version=report.qemu["version"],
+                    machine_opts=opts.machine_opts, smp=opts.smp))
             reporter.step(f"trial {index}: {trial.verdict.upper()}" + (
                 f" ({trial.compare['diff_count']} differing pages)" if trial.verdict == "fail" else ""))
             if opts.delete_images and trial.verdict == "pass" and hosts is None:

@@ -1,0 +1,97 @@
+#!/usr/bin/env python3
+"""Time the CPU-state oracle (verifier.cpustate) on real migrated guests.
+
+For a 2-vCPU vexpress-a15 and virt guest (armv7), migrates once, then reads all registers of
+all vCPUs through the gdbstub --trials times on both sides (connect + read_all + close) and
+prints median and max seconds per trial and side. When gdb-multiarch is installed it also times
+
+    gdb-multiarch -batch -ex 'target remote SOCK' -ex 'thread apply all info all-registers' -ex disconnect
+
+on the same stubs (`disconnect` rather than gdb's default detach at exit: a detach 'D' makes
+QEMU resume the stopped VM), and reports the run state afterwards.
+
+    .venv/bin/python benchmarks/cpustate.py [--qemu PATH] [--trials 10] [--machines vexpress-a15,virt]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+from test_cpustate import PATCHED_QEMU, guest_args, migrated_pair  # noqa: E402
+from verifier.cpustate import GdbStub, compare  # noqa: E402
+
+
+def time_rsp(sock: Path, trials: int) -> tuple[list[float], dict]:
+    times, values = [], {}
+    for _ in range(trials):
+        t = time.perf_counter()
+        with GdbStub(sock) as stub:
+            values = stub.read_all()
+        times.append(time.perf_counter() - t)
+    return times, values
+
+
+def time_gdb(gdb: str, sock: Path, trials: int) -> tuple[list[float], int]:
+    times, lines = [], 0
+    for _ in range(trials):
+        t = time.perf_counter()
+        out = subprocess.run([gdb, "-nx", "-batch", "-ex", "set pagination off",
+                              "-ex", f"target remote {sock}",
+                              "-ex", "thread apply all info all-registers", "-ex", "disconnect"],
+                             capture_output=True, text=True, timeout=120)
+        times.append(time.perf_counter() - t)
+        lines = out.stdout.count("\n")
+    return times, lines
+
+
+def fmt(times: list[float]) -> str:
+    return f"median {statistics.median(times):.4f} s  max {max(times):.4f} s"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--qemu", default=PATCHED_QEMU if os.path.exists(PATCHED_QEMU) else "qemu-system-arm")
+    ap.add_argument("--trials", type=int, default=10)
+    ap.add_argument("--machines", default="vexpress-a15,virt")
+    ap.add_argument("--no-gdb", action="store_true")
+    args = ap.parse_args()
+    binary = shutil.which(args.qemu) or args.qemu
+    gdb = None if args.no_gdb else shutil.which("gdb-multiarch")
+    print(f"QEMU {binary}; {args.trials} trials per side; gdb-multiarch: {gdb or 'not installed'}")
+    for machine in args.machines.split(","):
+        with tempfile.TemporaryDirectory(prefix="cpustate-bench-") as d:
+            pair = migrated_pair(binary, guest_args(machine, binary), Path(d))
+            try:
+                result = {}
+                for side in ("src", "dst"):
+                    times, values = time_rsp(pair.gdb_sock(side), args.trials)
+                    result[side] = values
+                    nregs = sum(len(v) for v in values.values())
+                    print(f"{machine:13s} {side} RSP client: {fmt(times)}  ({len(values)} vCPUs, {nregs} registers)")
+                res = compare(result["src"], result["dst"], "armv7")
+                print(f"{machine:13s} compare: identical={res['identical']} "
+                      f"differences={len(res['differences'])} compared={res['registers_compared']}")
+                if gdb:
+                    for side in ("src", "dst"):
+                        times, lines = time_gdb(gdb, pair.gdb_sock(side), args.trials)
+                        print(f"{machine:13s} {side} gdb-multiarch: {fmt(times)}  ({lines} output lines); "
+                              f"run state after: {pair.qmp[side].status()}")
+            finally:
+                pair.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
