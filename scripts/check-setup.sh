@@ -30,14 +30,15 @@ docker image inspect "$BASE_IMAGE" >/dev/null 2>&1 || {
   say "error: no image $BASE_IMAGE; run scripts/setup-docker.sh (or make setup-docker) first"; exit 2; }
 
 start=$(date +%s)
-wheels=$STATE_DIR/check-setup-wheels
-rm -rf "$wheels" && mkdir -p "$wheels"
-say "wheelhouse for dirtylog[test] (on this machine, which reaches PyPI)"
-"$PYTHON" -m pip wheel --quiet --wheel-dir "$wheels" "$REPO[test]" "setuptools>=64"
-
 src=$STATE_DIR/check-setup-src
 rm -rf "$src" && mkdir -p "$src"
 git -C "$REPO" ls-files -z | (cd "$REPO" && xargs -0 cp --parents -t "$src")
+
+wheels=$STATE_DIR/check-setup-wheels
+rm -rf "$wheels" && mkdir -p "$wheels"
+say "wheelhouse for dirtylog[test] (on this machine, which reaches PyPI; built from the copy)"
+"$PYTHON" -m pip wheel --quiet --wheel-dir "$wheels" "$src[test]" "setuptools>=64"
+rm -rf "$src/build" "$src"/*.egg-info
 
 name=dirtylog-check-setup-$$
 cleanup() { docker rm -f "$name" >/dev/null 2>&1 || true; rm -rf "$src"; }
