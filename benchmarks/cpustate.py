@@ -29,7 +29,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from test_cpustate import PATCHED_QEMU, guest_args, migrated_pair  # noqa: E402
+import test_cpustate  # noqa: E402
+from test_cpustate import guest_args, migrated_pair  # noqa: E402
 from verifier.cpustate import GdbStub, compare  # noqa: E402
 
 
@@ -62,11 +63,13 @@ def fmt(times: list[float]) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--qemu", default=PATCHED_QEMU if os.path.exists(PATCHED_QEMU) else "qemu-system-arm")
+    ap.add_argument("--qemu", default="qemu-system-arm", help="e.g. the patched QEMU from dirtylog build --qemu patched")
+    ap.add_argument("--artifacts", required=True, type=Path, help="a dirtylog build output directory")
     ap.add_argument("--trials", type=int, default=10)
     ap.add_argument("--machines", default="vexpress-a15,virt")
     ap.add_argument("--no-gdb", action="store_true")
     args = ap.parse_args()
+    test_cpustate.ART = args.artifacts
     binary = shutil.which(args.qemu) or args.qemu
     gdb = None if args.no_gdb else shutil.which("gdb-multiarch")
     print(f"QEMU {binary}; {args.trials} trials per side; gdb-multiarch: {gdb or 'not installed'}")

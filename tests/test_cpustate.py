@@ -24,9 +24,7 @@ from verifier.cpustate import (
 )
 from verifier.errors import VerifyError
 
-PATCHED_QEMU = ("/root/.cache/dirtylog/qemu-builds/"
-                "cb483c10a6bd890335f24ae5b3226c35034acfc531e5ae513f9c8dbfdb9e0daa/bin/qemu-system-arm")
-ART = Path(os.environ.get("DIRTYLOG_TEST_ARTIFACTS", "/work/scratch/art"))
+ART = Path("unset")  # the guest artifacts: set by the e2e fixture below from conftest's `artifacts`
 
 
 # ============================================================================ harness
@@ -176,12 +174,24 @@ def read_both(pair: MigrationPair) -> tuple[dict, dict]:
     return src, dst
 
 
+_PATCHED: list[str] = []
+
+
+@pytest.fixture
+def e2e_env(artifacts):
+    """Real artifacts (conftest) and the patched QEMU 10.0 (built or reused from the cache)."""
+    global ART
+    ART = Path(artifacts)
+    if not _PATCHED:
+        from builder import qemu_build
+        from builder.cache import Cache
+        _PATCHED.append(str(qemu_build.build_patched_qemu("10.0", Cache()).qemu_system_arm))
+    return _PATCHED[0]
+
+
 def patched_qemu() -> str:
-    if not os.path.exists(PATCHED_QEMU):
-        pytest.skip(f"patched QEMU 10.0 not built: {PATCHED_QEMU}")
-    if not (ART / "zImage").exists():
-        pytest.skip(f"guest artifacts missing in {ART}")
-    return PATCHED_QEMU
+    assert _PATCHED, "use the e2e_env fixture"
+    return _PATCHED[0]
 
 
 # ============================================================================ unit tests
@@ -330,7 +340,7 @@ def test_long_socket_path_uses_dirfd(tmp_path):
 # ============================================================================ e2e
 
 @pytest.mark.e2e
-def test_vexpress_secure_banks_not_migrated(tmp_path):
+def test_vexpress_secure_banks_not_migrated(tmp_path, e2e_env):
     """Known QEMU bug under TCG: Secure CP15 banks (TTBR1_S, DACR_S, ...) are not migrated."""
     binary = patched_qemu()
     pair = migrated_pair(binary, guest_args("vexpress-a15", binary), tmp_path)
@@ -346,7 +356,7 @@ def test_vexpress_secure_banks_not_migrated(tmp_path):
 
 
 @pytest.mark.e2e
-def test_virt_clean_migration_identical(tmp_path):
+def test_virt_clean_migration_identical(tmp_path, e2e_env):
     binary = patched_qemu()
     pair = migrated_pair(binary, guest_args("virt", binary), tmp_path)
     try:
@@ -360,7 +370,7 @@ def test_virt_clean_migration_identical(tmp_path):
 
 
 @pytest.mark.e2e
-def test_planted_register_difference_is_named(tmp_path):
+def test_planted_register_difference_is_named(tmp_path, e2e_env):
     binary = patched_qemu()
     pair = migrated_pair(binary, guest_args("virt", binary), tmp_path)
     try:
@@ -379,7 +389,7 @@ def test_planted_register_difference_is_named(tmp_path):
 
 
 @pytest.mark.e2e
-def test_stub_not_listening_on_a_running_qemu(tmp_path):
+def test_stub_not_listening_on_a_running_qemu(tmp_path, e2e_env):
     """QEMU without -gdb: the socket the caller expects is not there -> one-line CpuStateError."""
     binary = patched_qemu()
     proc = subprocess.Popen([binary, *guest_args("virt", binary), "-display", "none", "-nodefaults",
