@@ -16,7 +16,6 @@ QEMU resume the stopped VM), and reports the run state afterwards.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import subprocess

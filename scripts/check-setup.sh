@@ -13,11 +13,7 @@
 # Environment: PYTHON (default .venv/bin/python) makes the wheelhouse; BASE_IMAGE (default
 # dirtylog-base:bookworm).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-REPO=$PWD
-STATE_DIR=${1:-$REPO/.ci-state}
-mkdir -p "$STATE_DIR"
-STATE_DIR=$(cd "$STATE_DIR" && pwd)
+. "$(dirname "$0")/state-dir.sh" "$@"
 PYTHON=${PYTHON:-$REPO/.venv/bin/python}
 BASE_IMAGE=${BASE_IMAGE:-dirtylog-base:bookworm}
 say() { echo "check-setup: $*" >&2; }

@@ -10,11 +10,7 @@
 # DIRTYLOG_APT_MIRROR: Debian mirror for debootstrap (default: this machine's apt sources);
 # DOCKERD_WAIT (seconds, default 60).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-REPO=$PWD
-STATE_DIR=${1:-$REPO/.ci-state}
-mkdir -p "$STATE_DIR"
-STATE_DIR=$(cd "$STATE_DIR" && pwd)
+. "$(dirname "$0")/state-dir.sh" "$@"
 export DEBIAN_FRONTEND=noninteractive
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"

@@ -17,11 +17,7 @@
 # (`systemctl --user start podman.socket`, or `podman system service --time=0 &` as that user);
 # builder.runtime looks there first. Its images are that user's, so run this import as the user too.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-REPO=$PWD
-STATE_DIR=${1:-$REPO/.ci-state}
-mkdir -p "$STATE_DIR"
-STATE_DIR=$(cd "$STATE_DIR" && pwd)
+. "$(dirname "$0")/state-dir.sh" "$@"
 SOCK=${PODMAN_SOCKET:-/run/podman/podman.sock}
 BASE=dirtylog-base:bookworm
 export DEBIAN_FRONTEND=noninteractive
