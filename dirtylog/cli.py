@@ -255,6 +255,9 @@ def verify_options(f):
                      help="Guest machine model (default: the manifest's; armv7: vexpress-a15 as in 2014, or virt)."),
         click.option("--machine-opts", default="", metavar="PROP=VALUE[,...]",
                      help="Extra -machine properties, e.g. secure=off for vexpress-a15 (see README)."),
+        click.option("--no-cpu-state", "no_cpu_state", is_flag=True,
+                     help="Do not compare the vCPUs' registers (read through QEMU's gdbstub) after the "
+                          "migration; the report records that they were not compared."),
         click.option("--smp", type=int, default=2, show_default=True, help="Guest vCPUs."),
         click.option("--mem", "mem_mb", type=int, default=256, show_default=True, help="Guest RAM in MiB."),
         click.option("--max-bandwidth", type=ByteRate(), default=None,
@@ -389,7 +392,7 @@ def _verify(console, artifacts, **kw):
         accel=kw["accel"], tcg_thread=kw["tcg_thread"], kvm_dirty_ring=kw["kvm_dirty_ring"],
         guest_cmds=tuple(kw["guest_cmds"]), ready_pattern=kw["ready_pattern"], seed=kw["seed"],
         host_backing=kw["host_backing"], guest_pages=kw["guest_pages"], machine_opts=kw["machine_opts"],
-        src_host=kw["src_host"], dst_host=kw["dst_host"],
+        cpu_state=not kw["no_cpu_state"], src_host=kw["src_host"], dst_host=kw["dst_host"],
         ssh_identity=str(kw["ssh_identity"]) if kw["ssh_identity"] else None,
         known_hosts=str(kw["known_hosts"]) if kw["known_hosts"] else None, remote_dir=kw["remote_dir"],
         dst_qemu=kw["dst_qemu"], allow_qemu_mismatch=kw["allow_qemu_mismatch"])

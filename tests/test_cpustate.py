@@ -19,10 +19,11 @@ from pathlib import Path
 import pytest
 
 from verifier.cpustate import (
-    CpuStateError, GdbStub, compare, decode_body, escape, frame, gdb_args, load_allowlist,
+    CpuStateError, GdbStub, compare, decode_body, escape, frame, load_allowlist,
     parse_packet, parse_regs, show_value,
 )
 from verifier.errors import VerifyError
+from verifier.qemu import gdb_args
 
 ART = Path("unset")  # the guest artifacts: set by the e2e fixture below from conftest's `artifacts`
 

@@ -1,6 +1,6 @@
 """A CPU-state oracle read through QEMU's gdbstub, independent of migration's serialization.
 
-QEMU is started with `gdb_args("gdb-src.sock")` (a unix socket in its working directory). After a
+QEMU is started with `verifier.qemu.gdb_args("gdb-src.sock")` (a unix socket in its working directory). After a
 migration, with both VMs stopped (source `postmigrate`, destination `paused`), `GdbStub` reads
 every register the stub describes in its target description, for every vCPU, and `compare()`
 says which registers differ between source and destination, minus an allowlist of registers
@@ -44,11 +44,6 @@ class CpuStateError(VerifyError):
     """The gdbstub could not be reached, did not answer, or answered nonsense."""
 
     exit_code = 3
-
-
-def gdb_args(sock_path: str) -> list[str]:
-    """QEMU arguments for a gdbstub on a unix socket that does not wait for a client."""
-    return ["-gdb", f"unix:{sock_path},server=on,wait=off"]
 
 
 # ----------------------------------------------------------------------------- packet layer

@@ -181,6 +181,7 @@ KEYS = {
     "host_backing": (_choice(HOST_BACKINGS), "auto"),
     "guest_pages": (_choice(GUEST_PAGES), "4k"),
     "machine_opts": (_text, None),  # extra -machine properties, e.g. "secure=on" for vexpress-a15
+    "cpu_state": (_bool, True),  # compare every vCPU register through the gdbstubs
     # two hosts (verifier.remote): None/"local" runs that side on this machine
     "src_host": (_host, None),
     "dst_host": (_host, None),
@@ -667,6 +668,8 @@ def reproducer(s: Scenario, run_dir: Path) -> str:
         args += ["--guest-pages", p["guest_pages"]]
     if p["machine_opts"]:
         args += ["--machine-opts", p["machine_opts"]]
+    if not p["cpu_state"]:
+        args.append("--no-cpu-state")
     for key in ("src_host", "dst_host", "migration_address", "ssh_identity", "known_hosts", "dst_qemu"):
         if p[key] is not None:
             args += ["--" + key.replace("_", "-"), p[key]]
@@ -694,7 +697,7 @@ def verify_options(s: Scenario, run_dir: Path):
         capture=p["capture"], transport=p["transport"], min_passes=p["min_passes"],
         migration_timeout_s=p["migration_timeout"], boot_timeout_s=p["boot_timeout"],
         delete_images=not p["keep_images"], machine=p["machine"], host_backing=p["host_backing"],
-        guest_pages=p["guest_pages"], machine_opts=p["machine_opts"] or "", src_host=p["src_host"], dst_host=p["dst_host"],
+        guest_pages=p["guest_pages"], machine_opts=p["machine_opts"] or "", cpu_state=p["cpu_state"], src_host=p["src_host"], dst_host=p["dst_host"],
         migration_address=p["migration_address"] or "127.0.0.1", ssh_identity=p["ssh_identity"],
         known_hosts=p["known_hosts"], remote_dir=p["remote_dir"], dst_qemu=p["dst_qemu"],
         allow_qemu_mismatch=p["allow_qemu_mismatch"])

@@ -224,12 +224,20 @@ class SerialConsole:
         self._log.close()
 
 
+def gdb_args(sock_path: str) -> list[str]:
+    """QEMU arguments for a gdbstub on a unix socket that does not wait for a client."""
+    return ["-gdb", f"unix:{sock_path},server=on,wait=off"]
+
+
 class QemuProcess:
     """One QEMU with its QMP monitor and serial console, all on socketpairs (no paths, no ports)."""
 
-    def __init__(self, binary: QemuBinary, args: list[str], workdir: Path, name: str, on_qmp=None):
+    def __init__(self, binary: QemuBinary, args: list[str], workdir: Path, name: str, on_qmp=None,
+                 gdb: bool = False):
         self.binary = binary
         self.args = args
+        self.gdb = gdb  # a gdbstub on a unix socket (verifier.cpustate reads the CPU state there)
+        self.gdb_path: Path | None = workdir / f"gdb-{name}.sock" if gdb else None
         self.workdir = workdir
         self.name = name
         self.proc: subprocess.Popen | None = None
@@ -261,6 +269,8 @@ class QemuProcess:
                         "-mon", "chardev=dirtylog-qmp,mode=control",
                         "-chardev", f"socket,id=dirtylog-serial,fd={ser_theirs.fileno()}",
                         "-serial", "chardev:dirtylog-serial"]
+        if self.gdb:  # relative: the QEMU runs in workdir, and a deep workdir overflows sun_path
+            self.cmdline += gdb_args(self.gdb_path.name)
         self._write_cmdline()
         self._qmp_log = open(self.workdir / f"qmp-{self.name}.log", "w")
         self.serial = SerialConsole(ser_ours, self.workdir / f"serial-{self.name}.log")

@@ -10,7 +10,7 @@ Design:
   (`ssh -L local.sock:remote.sock`); no monitor listens on a network port. The agent reads its
   stdin from that ssh session and kills QEMU on EOF, so QEMU dies when the controller, the ssh
   process or the session goes away. `RemoteQemu` is a `QemuProcess`, so `run_migration` and
-  `_check_destination_runs` drive it unchanged.
+  `verifier.trial` drive it unchanged.
 - Capture is QEMU's own `-savedirtylog` when both hosts' QEMUs have it (`--capture auto` or
   `savedirtylog`), else `pmemsave`, into each host's run directory. Each host digests its image page by page
   (`remote_agent.py digest`); only the pages whose digests differ are fetched (from both sides)
@@ -42,7 +42,9 @@ from pathlib import Path
 from .artifacts import sha256_file
 from .compare import DEFAULT_PAGE_SIZE, CompareResult
 from .errors import InputError, QemuError, VerifyError
-from .qemu import QemuBinary, QemuProcess, SerialConsole
+from .qemu import QemuBinary, QemuProcess, SerialConsole, gdb_args
+from .report import diagnose_trial
+from .trial import Sites, run_trial
 
 AGENT_SOURCE = Path(__file__).with_name("remote_agent.py")
 DEFAULT_REMOTE_BASE = "/var/tmp/dirtylog-remote"
@@ -293,8 +295,8 @@ class RemoteQemu(QemuProcess):
     """
 
     def __init__(self, host: Host, binary: QemuBinary, args: list[str], workdir: Path, remote_dir: str,
-                 name: str, sock_dir: Path, on_qmp=None, start_timeout: float = 60.0):
-        super().__init__(binary, args, workdir, name, on_qmp=on_qmp)
+                 name: str, sock_dir: Path, on_qmp=None, start_timeout: float = 60.0, gdb: bool = False):
+        super().__init__(binary, args, workdir, name, on_qmp=on_qmp, gdb=gdb)
         self.host = host
         self.remote_dir = remote_dir
         self.sock_dir = sock_dir
@@ -312,16 +314,18 @@ class RemoteQemu(QemuProcess):
         resume = "-S" not in args and "-incoming" not in args
         if resume:
             args.append("-S")
+        rgdb, lgdb = f"{self.remote_dir}/gdb.sock", str(self.sock_dir / f"{self.name}-gdb.sock")
         self.cmdline = [self.binary.path, *args,
                         "-chardev", f"socket,id=dirtylog-qmp,path={rqmp},server=on,wait=off",
                         "-mon", "chardev=dirtylog-qmp,mode=control",
                         "-chardev", f"socket,id=dirtylog-serial,path={rser},server=on,wait=off",
-                        "-serial", "chardev:dirtylog-serial"]
+                        "-serial", "chardev:dirtylog-serial"] + (gdb_args(rgdb) if self.gdb else [])
         self._write_cmdline(f"# on {self.host.name} in {self.remote_dir}\n")
         self._qmp_log = open(self.workdir / f"qmp-{self.name}.log", "w")
         self._err_file = open(self.workdir / f"ssh-{self.name}.log", "wb")
-        forwards = [] if isinstance(self.host, LocalHost) else [(lqmp, rqmp), (lser, rser)]
-        for p in (lqmp, lser):
+        forwards = [] if isinstance(self.host, LocalHost) else (
+            [(lqmp, rqmp), (lser, rser)] + ([(lgdb, rgdb)] if self.gdb else []))
+        for p in (lqmp, lser, lgdb):
             Path(p).unlink(missing_ok=True)
         try:
             self.proc = self.host.popen_agent(["qemu", "--heartbeat", str(HEARTBEAT_TIMEOUT_S), "--dir",
@@ -335,6 +339,8 @@ class RemoteQemu(QemuProcess):
             self._start_failed("did not start within %.0f s" % self.start_timeout)
         if not any(l == "READY" for l in self._lines):
             self._start_failed("exited while starting")
+        if self.gdb:  # ssh connects the forwarded socket to the stub's when a client comes
+            self.gdb_path = Path(self.host.forwarded(rgdb, lgdb))
         qmp_path = self.host.forwarded(rqmp, lqmp)
         ser_path = self.host.forwarded(rser, lser)
         self.serial = SerialConsole(_connect_unix(ser_path, 15), self.workdir / f"serial-{self.name}.log")
@@ -446,7 +452,7 @@ class RemoteQemu(QemuProcess):
 
     def _release(self) -> None:
         super()._release()
-        for side in ("qmp", "serial"):  # the forwarded sockets ssh left behind
+        for side in ("qmp", "serial", "gdb"):  # the forwarded sockets ssh left behind
             (self.sock_dir / f"{self.name}-{side}.sock").unlink(missing_ok=True)
         if self._err_file is not None:
             self._err_file.close()
@@ -700,124 +706,113 @@ def wait_remote_image(proc: "RemoteQemu", path: str, size: int, timeout: float =
         time.sleep(0.5)
 
 
-def run_two_host_trial(trial, art, opts, hosts: TwoHosts, machine, accel: tuple[str, str],
-                       reporter, binaries: dict[str, QemuBinary] | None = None) -> None:
-    """verifier.run._run_trial with the source on hosts.src and the destination on hosts.dst.
+class HostSites(Sites):
+    """Source on hosts.src, destination on hosts.dst (either may be this machine's LocalHost).
 
-    Migration: TCP to hosts.migration_address on a port free there. Capture: -savedirtylog or pmemsave into each
-    host's run directory. Comparison: page digests on each host, differing pages fetched.
-    Fills `trial` like _run_trial does (plus trial.compare['transfer'] and trial.compare['hosts']).
+    Files: the guest's kernel, initrd and dtb are copied into each host's file cache. Migration:
+    TCP to hosts.migration_address on a port free there. Capture: -savedirtylog or pmemsave into
+    each host's run directory. Comparison: page digests on each host, differing pages fetched
+    (trial.compare['transfer'] and trial.compare['hosts'] say what moved where).
     """
-    from . import run as _run
-    from .errors import MigrationError
-    from .migration import MigrationPolicy, run_migration, start_incoming
-    from .qemu import GuestConfig, machine_args
-    from .workload import kernel_cmdline_arg
 
-    tdir = trial.directory
-    tdir.mkdir(parents=True, exist_ok=True)
-    t_start = time.monotonic()
-    binaries = binaries or prepare_hosts(hosts)
-    capture = resolve_capture(opts, hosts, binaries)
-    # short: the sockets in it must fit a unix socket path (107 bytes) on the host
-    run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}-t{trial.index:02d}"
-    remote_dirs = {side: f"{h.base_dir}/runs/{run_id}/{side}" for side, h in (("src", hosts.src), ("dst", hosts.dst))}
-    uploaded = {}
-    files = {}
-    for side, host in (("src", hosts.src), ("dst", hosts.dst)):
-        files[side] = {}
-        sent = 0
+    def __init__(self, hosts: TwoHosts, binaries: dict[str, QemuBinary], capture: str):
+        self.hosts = hosts
+        self.binaries = binaries
+        self.capture = capture
+        self.host = {"src": hosts.src, "dst": hosts.dst}
+        self.remote_dirs: dict[str, str] = {}
+        self.uploaded: dict[str, int] = {"src": 0, "dst": 0}
+        self.sock_dir: Path | None = None
+        self.uri = ""
+
+    def begin(self, trial):
+        # short: the sockets in it must fit a unix socket path (107 bytes) on the host
+        run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}-t{trial.index:02d}"
+        self.remote_dirs = {side: f"{h.base_dir}/runs/{run_id}/{side}" for side, h in self.host.items()}
+
+    def route(self):
+        return f"{self.hosts.src.name} -> {self.hosts.dst.name}"
+
+    def where(self, side):
+        return f" on {self.host[side].name}"
+
+    def guest_files(self, side, art, machine):
+        files, sent = {"dtb": None}, 0
         for key, path in (("kernel", art.kernel), ("initrd", art.initrd),
                           ("dtb", art.dtb if art.dtb and machine.needs_dtb else None)):
             if path is not None:
-                files[side][key], n = host.put_cached(Path(path).resolve())
+                files[key], n = self.host[side].put_cached(Path(path).resolve())
                 sent += n
-        uploaded[side] = sent
-    append = " ".join(a for a in (f"console={machine.console}", "panic=1", kernel_cmdline_arg(opts.workloads),
-                                  _run.guest_pages_append(opts), opts.extra_append) if a)
+        self.uploaded[side] = sent
+        return files
 
-    def args(side: str) -> list[str]:
-        cfg = GuestConfig(machine=machine, kernel=files[side]["kernel"], dtb=files[side].get("dtb"),
-                          initrd=files[side]["initrd"], append=append, mem_mb=opts.mem_mb, smp=opts.smp,
-                          accel=accel[0], cpu=accel[1], host_backing="anon" if opts.host_backing in ("auto", "file")
-                          else opts.host_backing, machine_opts=opts.machine_opts)
+    def capture_args(self, side):
         from .savedirtylog import savedirtylog_args
-        return machine_args(binaries[side], cfg) + (savedirtylog_args(f"ram-{side}.img")
-                                                     if capture == "savedirtylog" else [])
+        return savedirtylog_args(f"ram-{side}.img") if self.capture == "savedirtylog" else []
 
-    port = int(hosts.dst.agent("free-port", hosts.migration_address).stdout.decode().strip())
-    uri = f"tcp:{hosts.migration_address}:{port}"
-    policy = MigrationPolicy(max_bandwidth=opts.max_bandwidth, min_passes=opts.min_passes,
-                             timeout_s=opts.migration_timeout_s, capabilities=dict(opts.capabilities),
-                             parameters=dict(opts.parameters), postcopy=opts.postcopy)
-    sock_dir = short_socket_dir()
-    host_info = {"src": hosts.src.name, "dst": hosts.dst.name, "migration_uri": uri, "capture": capture,
-                 "remote_dirs": remote_dirs, "bytes_uploaded": uploaded}
-    size = opts.mem_mb * 1024 * 1024
-    try:
-        with RemoteQemu(hosts.dst, binaries["dst"], args("dst") + ["-S", "-incoming", "defer"], tdir,
-                        remote_dirs["dst"], "dst", sock_dir, on_qmp=reporter.detail) as dst, \
-                RemoteQemu(hosts.src, binaries["src"], args("src"), tdir, remote_dirs["src"], "src", sock_dir,
-                           on_qmp=reporter.detail) as src:
-            trial.cmdlines = {"src": src.cmdline, "dst": dst.cmdline}
-            reporter.step(f"trial {trial.index}: booting the source guest on {hosts.src.name}")
-            _run._wait_until_ready(src, art, opts, tdir)
-            trial.timings["boot_s"] = round(time.monotonic() - t_start, 3)
-            time.sleep(opts.settle_s)
-            start_incoming(src, dst, uri, policy)
-            reporter.step(f"trial {trial.index}: migrating {hosts.src.name} -> {hosts.dst.name} ({uri})")
-            t_mig = time.monotonic()
-            try:
-                result = run_migration(src, dst, uri, policy, tdir / "timeline.jsonl", progress=reporter.migration)
-            except MigrationError as exc:
-                raise MigrationError(f"{exc} ({hosts.src.name} -> {hosts.dst.name} over {uri})") from None
-            trial.timings["migration_s"] = round(time.monotonic() - t_mig, 3)
-            trial.migration = result.figures
-            trial.parameter_changes = result.parameter_changes
-            trial.warnings += result.warnings
-            reporter.step(f"trial {trial.index}: capturing guest RAM ({capture} on each host)")
-            t_cap = time.monotonic()
-            images = {side: RemoteImage(h, f"{remote_dirs[side]}/ram-{side}.img")
-                      for side, h in (("src", hosts.src), ("dst", hosts.dst))}
-            for proc in (src, dst):
-                if capture == "savedirtylog":  # written by QEMU itself before the migration ended
-                    wait_remote_image(proc, images[proc.name].path, size)
-                else:
-                    proc.qmp("pmemsave", val=machine.ram_base, size=size, filename=f"ram-{proc.name}.img",
-                             timeout=300)
-            for side, img in images.items():
-                got = img.host.agent("size", img.path).stdout.decode().strip()
-                if got != str(size):
-                    from .errors import CaptureError
-                    raise CaptureError(f"{side} RAM image {img.host.name}:{img.path} has {got} bytes instead of {size}")
-            trial.timings["capture_s"] = round(time.monotonic() - t_cap, 3)
-            src.close()
-            reporter.step(f"trial {trial.index}: resuming the destination guest on {hosts.dst.name}")
-            trial.resume = _run._check_destination_runs(dst)
-    finally:
-        for p in sock_dir.iterdir():
-            p.unlink(missing_ok=True)
-        sock_dir.rmdir()
-    reporter.step(f"trial {trial.index}: comparing page digests on both hosts")
-    t_cmp = time.monotonic()
-    cmp, transfer = compare_remote_images(images["src"], images["dst"], size, tdir)
-    trial.timings["compare_s"] = round(time.monotonic() - t_cmp, 3)
-    diagnose_remote(trial, cmp, machine.ram_base, Path(transfer["dst_headers_image"]))
-    trial.compare["transfer"] = transfer
-    trial.compare["hosts"] = host_info
-    trial.images = {side: f"{img.host.name}:{img.path}" for side, img in images.items()}
-    if opts.delete_images and trial.verdict == "pass":
+    def migration_uri(self, opts):
+        port = int(self.hosts.dst.agent("free-port", self.hosts.migration_address).stdout.decode().strip())
+        self.uri = f"tcp:{self.hosts.migration_address}:{port}"
+        return self.uri
+
+    def qemu(self, side, args, tdir, reporter, gdb):
+        if self.sock_dir is None:
+            self.sock_dir = short_socket_dir()
+        return RemoteQemu(self.host[side], self.binaries[side], args, tdir, self.remote_dirs[side], side,
+                          self.sock_dir, on_qmp=reporter.detail, gdb=gdb)
+
+    def capture_images(self, src, dst, tdir, ram_base, mem_mb):
+        from .errors import CaptureError
+        size = mem_mb * 1024 * 1024
+        images = {side: RemoteImage(self.host[side], f"{self.remote_dirs[side]}/ram-{side}.img")
+                  for side in ("src", "dst")}
+        for proc in (src, dst):
+            if self.capture == "savedirtylog":  # written by QEMU itself before the migration ended
+                wait_remote_image(proc, images[proc.name].path, size)
+            else:
+                proc.qmp("pmemsave", val=ram_base, size=size, filename=f"ram-{proc.name}.img", timeout=300)
+        for side, img in images.items():
+            got = img.host.agent("size", img.path).stdout.decode().strip()
+            if got != str(size):
+                raise CaptureError(f"{side} RAM image {img.host.name}:{img.path} has {got} bytes instead of {size}")
+        return images
+
+    def release(self):
+        if self.sock_dir is not None:
+            for p in self.sock_dir.iterdir():
+                p.unlink(missing_ok=True)
+            self.sock_dir.rmdir()
+            self.sock_dir = None
+
+    def compare(self, trial, images, mem_mb, ram_base, tdir):
+        cmp, transfer = compare_remote_images(images["src"], images["dst"], mem_mb * 1024 * 1024, tdir)
+        diagnose_remote(trial, cmp, ram_base, Path(transfer["dst_headers_image"]))
+        trial.compare["transfer"] = transfer
+        trial.compare["hosts"] = {"src": self.hosts.src.name, "dst": self.hosts.dst.name, "migration_uri": self.uri,
+                                  "capture": self.capture, "remote_dirs": dict(self.remote_dirs),
+                                  "bytes_uploaded": dict(self.uploaded)}
+        return cmp
+
+    def image_names(self, images):
+        return {side: f"{img.host.name}:{img.path}" for side, img in images.items()}
+
+    def delete_images(self, images):
         for img in images.values():
             img.host.run(["rm", "-f", img.path], check=False, what="rm image")
-        trial.images_deleted = True
-    trial.timings["total_s"] = round(time.monotonic() - t_start, 3)
+
+
+def run_two_host_trial(trial, art, opts, hosts: TwoHosts, machine, accel: tuple[str, str],
+                       reporter, binaries: dict[str, QemuBinary] | None = None) -> None:
+    """One trial (verifier.trial.run_trial) with the source on hosts.src and the destination on hosts.dst."""
+    binaries = binaries or prepare_hosts(hosts)
+    sites = HostSites(hosts, binaries, resolve_capture(opts, hosts, binaries))
+    run_trial(trial, art, opts, sites, machine, accel, reporter)
 
 
 def diagnose_remote(trial, result: CompareResult, ram_base: int, dst_headers: Path | None = None) -> None:
     """verifier.report.diagnose_trial on the fetched pages. The destination-only invariant
     reads only the dirtyram page headers, so it runs on `dst_headers` (a sparse image of the
     headers the destination host sent with its digests); without it, it is not checked."""
-    from .report import diagnose_trial
     diagnose_trial(trial, result, ram_base, invariant_image=dst_headers)
     trial.compare["destination_invariant"] = ("checked on the destination's page headers" if dst_headers is not None
                                               else "not checked (no page headers from the destination)")

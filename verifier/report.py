@@ -43,6 +43,7 @@ class TrialResult:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["directory"] = str(self.directory)
+        d["checks"] = checks(self)
         return d
 
 
@@ -68,8 +69,32 @@ def diagnose_trial(trial: TrialResult, result: CompareResult, ram_base: int, inv
         invariant_image = result.dst
     trial.destination_invariant = ([] if invariant_image is None else
                                    [f.to_dict() for f in destination_invariant(invariant_image, base=ram_base)])
-    resumed = trial.resume.get("ok", True)
-    trial.verdict = "pass" if result.identical and resumed else "fail"
+    trial.verdict = "pass" if all(c["ok"] is not False for c in checks(trial).values()) else "fail"
+
+
+def checks(trial: TrialResult) -> dict:
+    """The three things a trial checks, each {"ok": True | False | None (not checked), "text"}:
+    memory (the RAM images), cpu_state (every vCPU register) and liveness (the resumed guest runs)."""
+    c = trial.compare
+    if "diff_count" in c:
+        memory = {"ok": c["diff_count"] == 0,
+                  "text": "memory identical" if c["diff_count"] == 0 else f"memory: {c['diff_count']} pages differ"}
+    else:
+        memory = {"ok": None, "text": "memory not compared"}
+    cs = trial.cpu_state
+    if "identical" in cs:
+        n = len(cs["differences"])
+        cpu = {"ok": cs["identical"], "text": "CPU state identical" if cs["identical"] else
+               f"CPU state: {n} register{'s' if n != 1 else ''} differ"
+               f" ({', '.join(sorted({d['register'] for d in cs['differences']})[:8])})"}
+    else:
+        cpu = {"ok": None, "text": "CPU state not compared" + (f" ({cs['skipped']})" if cs.get("skipped") else "")}
+    r = trial.resume
+    if "ok" in r:
+        live = {"ok": r["ok"], "text": "guest ran after resume" if r["ok"] else "guest did not run after resume"}
+    else:
+        live = {"ok": None, "text": "liveness not checked"}
+    return {"memory": memory, "cpu_state": cpu, "liveness": live}
 
 
 @dataclass
@@ -156,12 +181,31 @@ class RunReport:
         atomic_write(self.run_dir / "report.txt", self.render_text())
         return written + [self.run_dir / "report.txt"]
 
+    def _checks_headline(self) -> str:
+        """One trial: its three checks, failed first. Several: which checks failed, in how many trials."""
+        done = [t for t in self.trials if t.verdict in ("pass", "fail")]
+        if not done:
+            return ""
+        if len(done) == 1:
+            c = sorted(checks(done[0]).values(), key=lambda c: c["ok"] is not False)
+            return ": " + "; ".join(x["text"] for x in c)
+        failed = {}
+        for t in done:
+            for name, c in checks(t).items():
+                if c["ok"] is False:
+                    failed[name] = failed.get(name, 0) + 1
+        if not failed:
+            return ": memory, CPU state and liveness as expected in every trial"
+        label = {"memory": "memory differs", "cpu_state": "CPU state differs", "liveness": "guest did not run"}
+        return ": " + "; ".join(f"{label[k]} in {n} of {len(done)} trials" for k, n in failed.items())
+
     def render_text(self) -> str:
         s = self.summary()
         o = self.options
         lines = [
             f"dirtylog verify: {self.verdict.upper()}  "
-            f"({s['passed']} passed, {s['failed']} failed, {s['errors']} errors of {s['trials']} trials)",
+            f"({s['passed']} passed, {s['failed']} failed, {s['errors']} errors of {s['trials']} trials)"
+            + self._checks_headline(),
             f"run directory: {self.run_dir}",
             f"QEMU {self.qemu['version']} ({self.qemu['path']}); machine {self.machine}, "
             f"smp {o['smp']}, {o['mem_mb']} MiB, accel {o['accel']}, capture {self.capture}",
@@ -179,8 +223,14 @@ class RunReport:
                 lines.append(f"  warning: {w}")
             if t.error:
                 lines.append(f"  error: {t.error}")
+            if t.compare or t.cpu_state or t.resume:
+                lines.append("  " + "; ".join(c["text"] for c in checks(t).values()))
             if t.resume and not t.resume.get("ok"):
                 lines.append(f"  destination did not run after resuming: {t.resume.get('detail')}")
+            if t.cpu_state.get("differences"):
+                from .cpustate import format_differences
+                lines.append("  CPU state differences (register: source, destination):")
+                lines += ["    " + d for d in format_differences(t.cpu_state)]
             for f in t.known_findings:
                 lines.append(f"  {f['sentence']}")
             if t.verdict == "fail" and not t.known_findings:

@@ -7,32 +7,23 @@ and the reports.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import os
 import platform
 import re
 import secrets
-import socket
-import time
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import capture as _capture
 from . import findings as _findings
-from . import inject as _inject
 from . import remote as _remote
 from .artifacts import GuestArtifacts
-from .compare import compare_images
-from .errors import InputError, MigrationError, QemuError, VerifyError
-from .migration import MigrationPolicy, check_supported, run_migration, start_incoming
-from .qemu import MACHINES, MACHINES_BY_ARCH, GuestConfig, QemuBinary, QemuProcess, machine_args, probe_qemu
-from .report import RunReport, TrialResult, diagnose_trial
-from .workload import SEED_WORKLOADS, Workload, check_fits, kernel_cmdline_arg
-
-RESUME_TIMEOUT_S = 20.0
-READY_RE = r"DIRTYLOG-READY n=(\d+)|DIRTYLOG-FAILED[^\r\n]*|Kernel panic[^\r\n]*"
+from .errors import InputError, VerifyError
+from .qemu import MACHINES, MACHINES_BY_ARCH, probe_qemu
+from .report import RunReport, TrialResult
+from .trial import HUGEPAGE_KB, READY_RE, LocalSites, run_trial  # noqa: F401 - READY_RE for benchmarks
+from .workload import SEED_WORKLOADS, Workload, check_fits
 
 
 @dataclass
@@ -67,6 +58,7 @@ class VerifyOptions:
     host_backing: str = "auto"  # anon | file | memfd | memfd-hugetlb | thp; auto: file for backing-file capture
     guest_pages: str = "4k"  # 4k | hugetlb | thp: how dirtyram maps its buffers in the guest
     machine_opts: str = ""  # extra -machine properties, e.g. secure=off
+    cpu_state: bool = True  # compare every vCPU register through the gdbstubs (--no-cpu-state: False)
     src_host: str | None = None  # user@host[:port] or "local": run the source there (verifier.remote)
     dst_host: str | None = None  # user@host[:port] or "local": run the destination there
     ssh_identity: str | None = None
@@ -103,12 +95,6 @@ def default_run_dir() -> Path:
     return Path("dirtylog-runs") / f"{stamp}-{secrets.token_hex(2)}"
 
 
-def _free_tcp_port(address: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((address, 0))
-        return s.getsockname()[1]
-
-
 class Reporter:
     """Plain progress lines; the CLI replaces it with a quieter or richer one."""
 
@@ -135,13 +121,14 @@ def verify(art: GuestArtifacts, opts: VerifyOptions, reporter: Reporter | None =
     default_note = _faithful_machine_opts(opts, machine)
     if default_note:
         reporter.step(default_note)
-    hosts = binaries = None
+    hosts = None
     if _remote.remote_requested(opts):
         _remote.check_remote_options(opts)
         hosts = _remote.hosts_from_options(opts, machine)
         binaries = _remote.prepare_hosts(hosts)  # typed errors: unreachable, host key, auth, no QEMU
         qemu, capture = binaries["src"], _remote.resolve_capture(opts, hosts, binaries)
         opts.host_backing = "anon" if opts.host_backing == "auto" else opts.host_backing
+        sites = _remote.HostSites(hosts, binaries, capture)
     else:
         if opts.dst_qemu or opts.allow_qemu_mismatch:
             raise InputError("--dst-qemu and --allow-qemu-mismatch apply to runs with --src-host/--dst-host "
@@ -151,6 +138,7 @@ def verify(art: GuestArtifacts, opts: VerifyOptions, reporter: Reporter | None =
         opts.host_backing = "file" if capture == "backing-file" else (
             "anon" if opts.host_backing == "auto" else opts.host_backing)
         _check_host_backing(opts)
+        sites = LocalSites(qemu, capture)
     if opts.inject and opts.inject[0] == "untracked-writes" and capture != "backing-file":
         raise InputError("--inject untracked-writes writes through the source's RAM backing file: "
                          "it needs --capture backing-file")
@@ -164,17 +152,14 @@ def verify(art: GuestArtifacts, opts: VerifyOptions, reporter: Reporter | None =
     if default_note:
         report.notes.append(default_note)
     if hosts is not None:
-        report.qemu.update(_remote.qemu_report(hosts, binaries))  # both hosts' QEMUs
+        report.qemu.update(_remote.qemu_report(hosts, sites.binaries))  # both hosts' QEMUs
     reporter.step(f"run directory {run_dir}")
     try:
         for index in range(1, opts.trials + 1):
             trial = TrialResult(index=index, directory=run_dir / f"trial-{index:02d}")
             report.trials.append(trial)
             try:
-                if hosts is not None:
-                    _remote.run_two_host_trial(trial, art, opts, hosts, machine, accel, reporter, binaries)
-                else:
-                    _run_trial(trial, art, opts, qemu, machine, capture, accel, reporter)
+                run_trial(trial, art, opts, sites, machine, accel, reporter)
             except VerifyError as exc:
                 trial.verdict = "error"
                 trial.error = str(exc)
@@ -187,10 +172,6 @@ def verify(art: GuestArtifacts, opts: VerifyOptions, reporter: Reporter | None =
                     machine_opts=opts.machine_opts, smp=opts.smp))
             reporter.step(f"trial {index}: {trial.verdict.upper()}" + (
                 f" ({trial.compare['diff_count']} differing pages)" if trial.verdict == "fail" else ""))
-            if opts.delete_images and trial.verdict == "pass" and hosts is None:
-                for img in trial.images.values():
-                    Path(img).unlink(missing_ok=True)
-                trial.images_deleted = True
     except KeyboardInterrupt as exc:
         report.interrupted = True
         exc.report = report  # so the caller can still write what was done
@@ -199,8 +180,6 @@ def verify(art: GuestArtifacts, opts: VerifyOptions, reporter: Reporter | None =
         report.finish()
     return report
 
-
-HUGEPAGE_KB = 2048
 
 SECURE_DEFAULT_NOTE = ("vexpress-a15 under TCG: secure=off chosen, as under KVM in 2014 (no EL3, Linux runs "
                        "Non-secure); --machine-opts secure=on reproduces QEMU's unmigrated Secure CP15 banks "
@@ -234,17 +213,6 @@ def _check_host_backing(opts: VerifyOptions) -> None:
                              "(/sys/kernel/mm/transparent_hugepage/enabled says never)")
 
 
-def guest_pages_append(opts: VerifyOptions) -> str:
-    """Kernel command line for the guest-side page size of the dirtyram buffers."""
-    if opts.guest_pages == "hugetlb":
-        # each instance's buffer is rounded up to whole 2 MiB pages
-        pages = sum(-(-w.bytes // (HUGEPAGE_KB * 1024)) for w in opts.workloads)
-        return f"dirtylog.dirtyram_opts=--hugetlb dirtylog.hugepages={pages}"
-    if opts.guest_pages == "thp":
-        return "dirtylog.dirtyram_opts=--thp"
-    return ""
-
-
 def _accel_spec(opts: VerifyOptions, machine) -> tuple[str, str]:
     """(-accel value, -cpu value). KVM runs guests of the host's own architecture only."""
     if opts.accel == "tcg":
@@ -263,176 +231,3 @@ def _accel_spec(opts: VerifyOptions, machine) -> tuple[str, str]:
         raise InputError(f"--accel kvm: /dev/kvm is not usable: {exc.strerror}") from None
     ring = f",dirty-ring-size={opts.kvm_dirty_ring}" if opts.kvm_dirty_ring else ""
     return ("kvm" + ring, "host,aarch64=off" if machine.arch == "armv7" else "host")
-
-
-def _run_trial(trial: TrialResult, art: GuestArtifacts, opts: VerifyOptions, qemu: QemuBinary,
-               machine, capture: str, accel: tuple[str, str], reporter: Reporter) -> None:
-    tdir = trial.directory
-    tdir.mkdir(parents=True, exist_ok=True)
-    t_start = time.monotonic()
-    append = " ".join(a for a in (f"console={machine.console}", "panic=1",
-                                  kernel_cmdline_arg(opts.workloads), guest_pages_append(opts),
-                                  opts.extra_append) if a)
-
-    def config(side: str) -> GuestConfig:
-        return GuestConfig(machine=machine, kernel=art.kernel.resolve(),
-                           dtb=art.dtb.resolve() if art.dtb and machine.needs_dtb else None,
-                           initrd=art.initrd.resolve(),
-                           append=append, mem_mb=opts.mem_mb, smp=opts.smp, accel=accel[0], cpu=accel[1],
-                           ram_file=f"{side}.ram" if capture == "backing-file" else None,
-                           host_backing=opts.host_backing, machine_opts=opts.machine_opts)
-
-    if opts.transport == "unix":
-        uri = "unix:migrate.sock"  # relative to the trial directory, the QEMUs' working directory
-    else:
-        uri = f"tcp:{opts.migration_address}:{_free_tcp_port(opts.migration_address)}"
-    rng = random.Random(opts.seed)
-    policy = MigrationPolicy(max_bandwidth=opts.max_bandwidth, min_passes=opts.min_passes,
-                             timeout_s=opts.migration_timeout_s, capabilities=dict(opts.capabilities),
-                             parameters=dict(opts.parameters), postcopy=opts.postcopy)
-    if opts.inject and opts.inject[0] == "untracked-writes":
-        def inject_now() -> None:
-            pages = _inject.choose_zero_pages(tdir / "src.ram", opts.inject[1], rng)
-            _inject.write_untracked(tdir / "src.ram", pages, nonce=f"{trial.index}-{rng.getrandbits(32):08x}")
-            trial.injection = {"kind": "untracked-writes", "pages": pages}
-            reporter.step(f"trial {trial.index}: injected untracked writes into {len(pages)} source pages")
-        policy.before_switchover = inject_now
-    dst_args = machine_args(qemu, config("dst")) + ["-S", "-incoming", "defer"] + _capture.qemu_args(capture, "dst")
-    src_args = machine_args(qemu, config("src")) + _capture.qemu_args(capture, "src")
-    with contextlib.ExitStack() as stack:
-        try:
-            dst = stack.enter_context(QemuProcess(qemu, dst_args, tdir, "dst", on_qmp=reporter.detail))
-            src = stack.enter_context(QemuProcess(qemu, src_args, tdir, "src", on_qmp=reporter.detail))
-        except QemuError as exc:
-            raise _kvm_startup_error(exc, opts) from None
-        check_supported(src, policy)
-        trial.cmdlines = {"src": src.cmdline, "dst": dst.cmdline}
-        for side, proc in (("destination", dst), ("source", src)):
-            reporter.detail(f"{side} QEMU: " + (tdir / f"cmdline-{proc.name}.txt").read_text().strip())
-        reporter.step(f"trial {trial.index}: booting the source guest")
-        _wait_until_ready(src, art, opts, tdir)
-        trial.timings["boot_s"] = round(time.monotonic() - t_start, 3)
-        time.sleep(opts.settle_s)
-        start_incoming(src, dst, uri, policy)
-        reporter.step(f"trial {trial.index}: migrating ({uri})")
-        t_mig = time.monotonic()
-        result = run_migration(src, dst, uri, policy, tdir / "timeline.jsonl", progress=reporter.migration)
-        trial.timings["migration_s"] = round(time.monotonic() - t_mig, 3)
-        trial.migration = result.figures
-        trial.parameter_changes = result.parameter_changes
-        trial.warnings += result.warnings
-        reporter.step(f"trial {trial.index}: capturing guest RAM ({capture})")
-        t_cap = time.monotonic()
-        trial.page_sizes = {"host": {"backing": opts.host_backing, "src": src.ram_page_sizes(opts.mem_mb)},
-                            "guest": _guest_page_report(src.serial.text, opts)}
-        images = _capture.capture(capture, src, dst, tdir, machine.ram_base, opts.mem_mb)
-        if opts.inject and opts.inject[0] == "corrupt-capture":
-            trial.injection = {"kind": "corrupt-capture",
-                               "pages": _inject.corrupt_capture(images["dst"], opts.inject[1], rng)}
-        trial.images = {k: str(v) for k, v in images.items()}
-        trial.timings["capture_s"] = round(time.monotonic() - t_cap, 3)
-        src.close()
-        reporter.step(f"trial {trial.index}: resuming the destination guest")
-        trial.resume = _check_destination_runs(dst)
-    _capture.cleanup(capture, tdir)
-    if not trial.resume["ok"]:
-        reporter.step(f"trial {trial.index}: the destination guest did not run after resuming: {trial.resume['detail']}")
-    reporter.step(f"trial {trial.index}: comparing {opts.mem_mb} MiB page by page")
-    t_cmp = time.monotonic()
-    result = compare_images(images["src"], images["dst"])
-    trial.timings["compare_s"] = round(time.monotonic() - t_cmp, 3)
-    diagnose_trial(trial, result, machine.ram_base)
-    if trial.injection:
-        if "pages" not in trial.injection:
-            raise MigrationError("--inject untracked-writes: the source never paused before switchover")
-        trial.injection["addresses"] = [hex(machine.ram_base + p * 4096) for p in trial.injection["pages"]]
-        trial.injection.update(_inject.check(trial.injection["pages"], result.diff_pages))
-    trial.timings["total_s"] = round(time.monotonic() - t_start, 3)
-
-
-def _kvm_startup_error(exc: QemuError, opts: VerifyOptions) -> QemuError:
-    """A QEMU that dies while starting under KVM says why KVM is unusable (a nested or
-    paravirtualised /dev/kvm that rejects the vCPU's MSRs, for instance), not just that it died."""
-    if opts.accel != "kvm":
-        return exc
-    return QemuError(f"KVM is not usable here: QEMU failed to start under KVM: {exc}; use --accel tcg")
-
-
-def _guest_page_report(console: str, opts: VerifyOptions) -> dict:
-    """What the guest said about its pages (init reports reservations and THP mode)."""
-    out = {"requested": opts.guest_pages}
-    m = re.search(r"hugepages requested=(\d+) reserved=(\d+)", console)
-    if m:
-        out["hugepages_requested"], out["hugepages_reserved"] = int(m.group(1)), int(m.group(2))
-    m = re.search(r"transparent_hugepage: ([^\r\n]*)", console)
-    if m:
-        out["transparent_hugepage"] = m.group(1).strip()
-    flags = re.findall(r"flags=0x([0-9a-f]+)", console)
-    if flags:
-        out["dirtyram_flags"] = sorted(set(flags))
-    return out
-
-
-PROMPT_RE = r"(?m)^(/[^\r\n#$]*)? ?[#$] "
-
-
-def _wait_until_ready(src: QemuProcess, art: GuestArtifacts, opts: VerifyOptions, tdir: Path) -> None:
-    """Our initrd says DIRTYLOG-READY; a foreign guest is ready at its shell prompt, where the
-    --guest-cmd lines are typed (the 2014 way: the workload was started by hand)."""
-    pattern = opts.ready_pattern or (PROMPT_RE if art.foreign else READY_RE)
-    m = src.serial.wait_for(pattern + r"|Kernel panic[^\r\n]*", opts.boot_timeout_s, alive=src.alive)
-    if m is None:
-        if not src.alive():
-            src._raise_dead("exited while the guest was booting")
-        if opts.accel == "kvm":
-            raise QemuError(f"KVM is not usable here: the guest did not boot under KVM within "
-                            f"{opts.boot_timeout_s:.0f} s (see {tdir / 'serial-src.log'}); use --accel tcg")
-        raise QemuError(f"the guest did not report ready within {opts.boot_timeout_s:.0f} s; "
-                        f"see {tdir / 'serial-src.log'}")
-    marker = m.group(0).decode(errors="replace").strip()
-    if marker.startswith("Kernel panic") or marker.startswith("DIRTYLOG-FAILED"):
-        raise QemuError(f"the guest failed to start: {marker} (see {tdir / 'serial-src.log'})")
-    if marker.startswith("DIRTYLOG-READY") and int(m.group(1)) != len(opts.workloads):
-        raise QemuError(f"the guest started {m.group(1)} workloads instead of {len(opts.workloads)}; "
-                        "the initrd does not read dirtylog.workload")
-    for cmd in opts.guest_cmds:
-        src.serial.write(cmd + "\n")
-        time.sleep(0.5)
-
-
-def _check_destination_runs(dst: QemuProcess) -> dict:
-    """Resume the destination and make its shell compute something: does the guest really run?
-
-    A guest that does not answer, or that panics (QEMU then exits 0 because of -no-reboot), is a
-    verification finding: the hypervisor broke it. A QEMU that crashes is an infrastructure failure.
-    """
-    since = dst.serial.mark()
-    dst.qmp("cont")
-    a, b = secrets.randbelow(10**6), secrets.randbelow(10**6)
-    try:
-        dst.serial.write(f"\necho dirtylog-alive-$(({a}+{b}))\n")
-    except OSError:
-        pass  # the guest's end is gone; the checks below say why
-    if dst.serial.wait_for(f"dirtylog-alive-{a + b}", RESUME_TIMEOUT_S, since=since, alive=dst.alive):
-        return {"ok": True, "detail": "the guest's shell answered on the console"}
-    console = dst.serial.text[since:] if dst.serial else ""
-    oops = re.search(r"(Kernel panic[^\r\n]*|Internal error[^\r\n]*|Unable to handle[^\r\n]*)", console)
-    if not dst.alive():
-        rc = dst.proc.wait()
-        if rc != 0:
-            dst._raise_dead("crashed after resuming")
-        return {"ok": False, "detail": "the guest stopped after resuming"
-                + (f": {oops.group(1).strip()}" if oops else " (QEMU exited 0: guest reset or power-off)")}
-    detail = f"no answer on the console within {RESUME_TIMEOUT_S:.0f} s"
-    if oops:
-        detail += f"; the guest said: {oops.group(1).strip()}"
-    try:  # Where the vCPU is stuck says a lot (e.g. looping on an exception vector).
-        detail += f" (status {dst.status()})"
-        regs = dst.qmp("human-monitor-command", **{"command-line": "info registers"})
-        pc = re.search(r"R15=([0-9a-f]+)", regs)
-        psr = re.search(r"PSR=[0-9a-f]+ [^\n]*?(usr|fiq|irq|svc|mon|abt|hyp|und|sys)32", regs)
-        if pc:
-            detail += f"; vCPU 0 at pc 0x{pc.group(1)}" + (f" in {psr.group(1)} mode" if psr else "")
-    except VerifyError:
-        pass
-    return {"ok": False, "detail": detail}
