@@ -311,7 +311,9 @@ def verify_options(f):
         click.option("--inject", metavar="KIND[:N]",
                      help="Negative control: untracked-writes[:N] (host writes behind QEMU's back into N "
                           "source pages just before switchover) or corrupt-capture[:N] (flip bytes in N "
-                          "pages of the destination image). The run must FAIL and name those pages."),
+                          "pages of the destination image) or cpu-register[:N] (change N registers of the "
+                          "destination's vCPU 0 through its gdbstub before it is read, restore them after). "
+                          "The run must FAIL and name those pages or registers."),
         click.option("--capability", "capabilities", multiple=True, metavar="NAME=on|off",
                      help="Migration capability on both sides, e.g. multifd=on, xbzrle=on, auto-converge=on."),
         click.option("--parameter", "parameters", multiple=True, metavar="NAME=VALUE",

@@ -430,3 +430,44 @@ def test_async_stop_reply_is_skipped(tmp_path):
     finally:
         t.join(5)
         server.close()
+
+
+# ============================================================================ through `dirtylog verify`
+
+def test_verify_names_exactly_the_registers_planted_on_the_destination(tmp_path, e2e_env):
+    """--inject cpu-register:3 changes r4-r6 of the destination's vCPU 0 through its gdbstub before
+    it is read (and restores them): the run FAILs on CPU state alone and names exactly those."""
+    from conftest import run_dirtylog
+    run_dir = tmp_path / "run"
+    res = run_dirtylog("verify", "--artifacts", ART, "--qemu", e2e_env, "--smp", "2", "--min-passes", "1",
+                       "--inject", "cpu-register:3", "--run-dir", run_dir)
+    assert res.returncode == 1, res.stdout + res.stderr
+    report = json.loads((run_dir / "report.json").read_text())
+    trial = report["trials"][0]
+    assert trial["checks"]["memory"]["ok"] is True
+    assert trial["checks"]["liveness"]["ok"] is True  # restored: the guest runs on
+    assert trial["checks"]["cpu_state"]["ok"] is False
+    assert [(d["vcpu"], d["register"]) for d in trial["cpu_state"]["differences"]] == [(0, "r4"), (0, "r5"), (0, "r6")]
+    assert trial["injection"]["detected"] == 3 and trial["injection"]["other_differences"] == 0
+    assert trial["cpu_state"]["vcpus"] == 2 and trial["cpu_state"]["registers_compared"] >= 400  # 224 per vCPU on vexpress-a15 secure=off
+    first = res.stdout.splitlines()[0]
+    assert first.startswith("dirtylog verify: FAIL") and "CPU state: 3 register values differ on 1 vCPU (r4, r5, r6)" in first
+    for side in ("src", "dst"):
+        assert set(json.loads((run_dir / "trial-01" / f"cpu-{side}.json").read_text())) == {"0", "1"}
+
+
+def test_verify_no_cpu_state_is_recorded(tmp_path, e2e_env):
+    from conftest import run_dirtylog
+    run_dir = tmp_path / "run"
+    res = run_dirtylog("verify", "--artifacts", ART, "--qemu", e2e_env, "--smp", "1", "--min-passes", "1",
+                       "--no-cpu-state", "--run-dir", run_dir)
+    assert res.returncode == 0, res.stdout + res.stderr
+    trial = json.loads((run_dir / "report.json").read_text())["trials"][0]
+    assert trial["cpu_state"] == {"skipped": "--no-cpu-state"}
+    assert "-gdb" not in trial["cmdlines"]["src"]
+    assert res.stdout.splitlines()[0].endswith("memory identical; CPU state not compared (--no-cpu-state); "
+                                               "guest ran after resume")
+    bad = run_dirtylog("verify", "--artifacts", ART, "--qemu", e2e_env, "--no-cpu-state", "--inject", "cpu-register",
+                       "--run-dir", tmp_path / "bad")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("dirtylog: error: --inject cpu-register")
+    assert not (tmp_path / "bad").exists()

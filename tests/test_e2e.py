@@ -118,6 +118,13 @@ def test_vexpress_destination_that_does_not_run_after_migration_is_a_fail(artifa
     assert "destination did not run after resuming" in res.stdout
     assert "known finding arm-secure-cp15-banks-not-migrated" in res.stdout
     assert [f["id"] for f in trial["known_findings"]] == ["arm-secure-cp15-banks-not-migrated"]
+    # The cause, not only the symptom: the Secure CP15 banks are zero on the destination.
+    differing = {d["register"] for d in trial["cpu_state"]["differences"]}
+    assert {"TTBR1_S", "DACR_S"} <= differing, differing
+    assert all(d["register"].endswith("_S") for d in trial["cpu_state"]["differences"])
+    assert trial["checks"]["memory"]["ok"] is True
+    first = res.stdout.splitlines()[0]
+    assert "CPU state: " in first and "TTBR1_S" in first and "guest did not run after resume" in first
 
 
 def test_vexpress_under_tcg_defaults_to_secure_off_and_says_why(artifacts, tmp_path):

@@ -120,9 +120,15 @@ def test_html_is_self_contained_and_has_every_plot(matrix_report, tmp_path):
     text = path.read_text()
     assert not re.search(r"""(src|href)=["'](https?:|file:|//)""", text)  # nothing fetched from outside
     imgs = re.findall(r'<img class="plot (timeline|memmap)"[^>]*src="data:image/png;base64,([^"]+)"', text)
-    # Trials with a timeline: ok 1, lossy 2, broken 1; memory maps for the compared trials: 3.
+    # Trials with a timeline: ok 1, lossy 2, broken 1; a memory map only where pages differ: 1.
     assert [k for k, _ in imgs].count("timeline") == 4
-    assert [k for k, _ in imgs].count("memmap") == 3
+    assert [k for k, _ in imgs].count("memmap") == 1
+    assert text.count("memory map: all 65536 pages identical") == 2  # the two PASS trials, one line each
+    # A page for people: no cell holds a raw JSON object; the three verdicts side by side.
+    assert not re.search(r"<td>(<code>)?\{&quot;", text)
+    assert text.count('<table class="checks">') == 3
+    assert '<td class="bad">memory: 6 pages differ</td>' in text
+    assert "<th>trials</th><td>total 4, passed 2, failed 1, errors 1</td>" in text
     for _, data in imgs:
         assert base64.b64decode(data)[:8] == b"\x89PNG\r\n\x1a\n"
     assert "dirtylog verify --run-dir lossy[smp=2]" in text  # the reproducer
@@ -153,7 +159,7 @@ def test_html_renders_in_headless_chromium(matrix_report, tmp_path):
     dom = _chromium("--dump-dom", path.as_uri(), tmp_path=tmp_path)
     assert dom.returncode == 0, dom.stderr[-2000:]
     srcs = re.findall(r'<img class="plot [^"]*"[^>]*src="(data:image/png;base64,[^"]*)"', dom.stdout)
-    assert len(srcs) == 7 and all(len(s) > 1000 for s in srcs)
+    assert len(srcs) == 5 and all(len(s) > 1000 for s in srcs)
     assert "Verdicts" in dom.stdout and "lossy[smp=2]" in dom.stdout
     shot = tmp_path / "shot.png"
     res = _chromium(f"--screenshot={shot}", "--window-size=1200,3000", path.as_uri(), tmp_path=tmp_path)

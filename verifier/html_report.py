@@ -175,7 +175,37 @@ font-size:.9em;text-align:left;vertical-align:top} th{background:#f3f3f3}
 .st{font-weight:bold;color:#fff;padding:1px 6px;border-radius:3px}
 pre,code{background:#f6f6f6;font-size:.85em} pre{padding:.5em;overflow-x:auto;white-space:pre-wrap;word-break:break-all}
 img.plot{max-width:100%;border:1px solid #ddd;margin:.3em 0} .muted{color:#777}
+td.ok{background:#e7f5e7} td.bad{background:#fbe3e3} td.na{color:#777}
 """
+
+
+def _words(d) -> str:
+    """A dict or list as words for people: 'key value, key value'; a scalar as itself."""
+    if isinstance(d, dict):
+        return ", ".join(f"{k.replace('_', ' ')} {_words(v)}" for k, v in d.items() if v not in (None, "", [], {}))
+    if isinstance(d, (list, tuple)):
+        return " ".join(_words(v) for v in d)
+    if isinstance(d, float):
+        return f"{d:g}"
+    return str(d)
+
+
+def _kv_table(d: dict, unit: str = "") -> str:
+    """One row per key: for parameters and timings."""
+    rows = "".join(f"<tr><th>{_e(k.replace('_', ' '))}</th><td>{_e(_words(v))}{unit}</td></tr>"
+                   for k, v in d.items() if v not in (None, "", [], {}))
+    return f"<table>{rows}</table>"
+
+
+def _checks_row(t: dict) -> str:
+    """The trial's three verdicts side by side: memory, CPU state, liveness."""
+    from .report import CHECK_LABELS, checks
+    cells = []
+    for name, c in checks(t).items():
+        cls = {True: "ok", False: "bad"}.get(c["ok"], "na")
+        cells.append(f'<td class="{cls}">{_e(c["text"])}</td>')
+    head = "".join(f"<th>{_e(label)}</th>" for label in CHECK_LABELS.values())
+    return f'<table class="checks"><tr>{head}</tr><tr>{"".join(cells)}</tr></table>'
 
 
 def _e(x) -> str:
@@ -200,11 +230,11 @@ def render(matrix_report: dict, title: str = "dirtylog matrix report") -> str:
            "<table>",
            f"<tr><th>scenarios</th><td>{s.get('scenarios')} ({s.get('passed')} passed, {s.get('failed')} failed, "
            f"{s.get('errors')} errors, {s.get('interrupted')} interrupted, {s.get('not_run')} not run)</td></tr>",
-           f"<tr><th>trials</th><td>{_e(json.dumps(s.get('trials')))}</td></tr>",
+           f"<tr><th>trials</th><td>{_e(_words(s.get('trials')))}</td></tr>",
            f"<tr><th>matrix</th><td><code>{_e(m.get('file'))}</code> sha256 <code>{_e(m.get('sha256'))}</code></td></tr>",
            f"<tr><th>shard</th><td>{_e(r.get('shard') or 'all')}</td></tr>",
            f"<tr><th>command</th><td><code>{_e(r.get('command'))}</code></td></tr>",
-           f"<tr><th>host</th><td>{_e(json.dumps(r.get('host')))}</td></tr>",
+           f"<tr><th>host</th><td>{_e(_words(r.get('host')))}</td></tr>",
            f"<tr><th>time</th><td>{_e(r.get('started'))} to {_e(r.get('finished'))}</td></tr>",
            f"<tr><th>exit code</th><td>{_e(r.get('exit_code'))}</td></tr>"]
     if r.get("merged_from"):
@@ -242,7 +272,7 @@ def _scenario_html(sc: dict) -> str:
     if sc.get("error"):
         out.append(f"<p><b>error:</b></p><pre>{_e(sc['error'])}</pre>")
     out.append("<table>")
-    out.append(f"<tr><th>parameters</th><td><code>{_e(json.dumps(sc.get('params')))}</code></td></tr>")
+    out.append(f"<tr><th>parameters</th><td>{_kv_table(sc.get('params') or {})}</td></tr>")
     if rep:
         q = rep.get("qemu") or {}
         out.append(f"<tr><th>QEMU</th><td>{_e(q.get('version'))} <code>{_e(q.get('path'))}</code></td></tr>")
@@ -255,13 +285,18 @@ def _scenario_html(sc: dict) -> str:
         out.append(f"<h3>trial {t['index']}: {_status(t.get('verdict', '?'))}</h3>")
         c = t.get("compare") or {}
         mg = t.get("migration") or {}
+        if t.get("verdict") in ("pass", "fail"):
+            out.append(_checks_row(t))
         if mg:
+            timings = ", ".join(f"{k[:-2] if k.endswith('_s') else k} {v:g} s" for k, v in (t.get("timings") or {}).items()
+                                if isinstance(v, (int, float)))
             out.append(f"<p>migration {_e(mg.get('total_time_ms'))} ms, downtime {_e(mg.get('downtime_ms'))} ms, "
                        f"{_e(mg.get('dirty_sync_count'))} dirty syncs, "
-                       f"{(mg.get('transferred_bytes') or 0) / 1e6:.1f} MB sent; timings {_e(json.dumps(t.get('timings')))}</p>")
+                       f"{(mg.get('transferred_bytes') or 0) / 1e6:.1f} MB sent"
+                       + (f"; seconds: {_e(timings)}" if timings else "") + "</p>")
         if t.get("error"):
             out.append(f"<pre>error: {_e(t['error'])}</pre>")
-        text = trial_text(t)
+        text = trial_text(t) if t.get("verdict") != "pass" else ""
         if text:
             out.append(f"<pre>{_e(text)}</pre>")
         tdir = Path(t.get("directory") or "")
@@ -277,7 +312,9 @@ def _scenario_html(sc: dict) -> str:
         else:
             out.append(f"<p class=\"muted\">no migration timeline ({_e(tdir / 'timeline.jsonl')}"
                        f"{': ' + _e(err) if err else ' has no samples'})</p>")
-        if c.get("page_count"):
+        if c.get("page_count") and not c.get("diff_count"):
+            out.append(f"<p>memory map: all {_e(c['page_count'])} pages identical</p>")
+        elif c.get("page_count"):
             try:
                 mm = memory_map(int(c["page_count"]), int(str(c.get("ram_base", "0")), 0), t.get("differences") or [])
             except Exception:  # noqa: BLE001

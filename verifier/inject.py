@@ -22,7 +22,13 @@ from .errors import CaptureError, InputError
 
 PAGE_SIZE = 4096
 MARKER_OFFSET = 2048  # middle of the page: never where dirtyram's header lives
-KINDS = ("untracked-writes", "corrupt-capture")
+KINDS = ("untracked-writes", "corrupt-capture", "cpu-register")
+# cpu-register plants a value in callee-saved general registers of the destination's vCPU 0
+# (through its gdbstub) before the destination's CPU state is read, then restores them so the
+# guest resumes unharmed: the CPU-state comparison must name exactly those registers.
+PLANT_REGISTERS = {"armv7": ["r4", "r5", "r6", "r7", "r8", "r9", "r10", "r11"],
+                   "aarch64": ["x19", "x20", "x21", "x22", "x23", "x24", "x25", "x26"],
+                   "x86_64": ["rbx", "rbp", "r12", "r13", "r14", "r15"]}
 SKIP_LOW_BYTES = 16 << 20  # leave the kernel image alone: the guest must keep running
 
 
@@ -31,14 +37,50 @@ def parse_inject(text: str | None) -> tuple[str, int] | None:
         return None
     kind, _, count = text.partition(":")
     if kind not in KINDS:
-        raise InputError(f"--inject {text}: expected {' or '.join(KINDS)}, optionally with :N pages")
+        raise InputError(f"--inject {text}: expected {', '.join(KINDS)}, optionally with :N (pages; registers)")
     try:
         n = int(count) if count else 8
     except ValueError:
         raise InputError(f"--inject {text}: N must be a whole number of pages") from None
     if not 1 <= n <= 4096:
         raise InputError(f"--inject {text}: N must be between 1 and 4096")
+    if kind == "cpu-register":
+        n = int(count) if count else 1
+        most = min(len(r) for r in PLANT_REGISTERS.values())
+        if not 1 <= n <= most:
+            raise InputError(f"--inject {text}: N must be between 1 and {most} registers")
     return kind, n
+
+
+def plant_registers(stub, arch: str, n: int) -> list[dict]:
+    """Flip the low byte of n callee-saved registers of vCPU 0 through `stub` (a connected
+    verifier.cpustate.GdbStub of a stopped VM). Returns [{vcpu, register, regnum, original}]
+    for restore_registers()."""
+    tid = stub.thread_ids()[0]
+    stub.select(tid)
+    planted = []
+    for name in PLANT_REGISTERS[arch][:n]:
+        num = stub.regnum(name)
+        original = stub.read_register(num)
+        value = bytes([bytes.fromhex(original)[0] ^ 0x5A]) + bytes.fromhex(original)[1:]
+        stub.write_register(num, value.hex())
+        planted.append({"vcpu": 0, "register": name, "regnum": num, "original": original, "tid": tid})
+    return planted
+
+
+def restore_registers(stub, planted: list[dict]) -> None:
+    for p in planted:
+        stub.select(p["tid"])
+        stub.write_register(p["regnum"], p["original"])
+
+
+def check_registers(planted: list[dict], differences: list[dict]) -> dict:
+    """Did the CPU-state comparison name exactly the planted registers?"""
+    inj = {(p["vcpu"], p["register"]) for p in planted}
+    diff = {(d["vcpu"], d["register"]) for d in differences}
+    return {"injected": len(inj), "detected": len(inj & diff),
+            "missed": sorted(f"vCPU {v} {r}" for v, r in inj - diff), "other_differences": len(diff - inj),
+            "unit": "registers"}
 
 
 def marker(nonce: str, page: int) -> bytes:

@@ -26,7 +26,9 @@ def _clean(text: str) -> str:
 
 def trial_text(t: dict) -> str:
     """The diagnosis of one trial as it reads in report.txt."""
-    lines = []
+    from .cpustate import format_differences
+    from .report import checks
+    lines = ["; ".join(x["text"] for x in checks(t).values())]
     c = t.get("compare") or {}
     if c:
         lines.append(f"{c.get('diff_count')} of {c.get('page_count')} pages differ")
@@ -36,6 +38,14 @@ def trial_text(t: dict) -> str:
     resume = t.get("resume") or {}
     if resume and not resume.get("ok"):
         lines.append(f"destination did not run after resuming: {resume.get('detail')}")
+    cpu = t.get("cpu_state") or {}
+    if cpu.get("differences"):
+        lines.append("CPU state differences (register: source, destination):")
+        lines += ["  " + d for d in format_differences(cpu, limit=200)]
+    for f in t.get("known_findings") or []:
+        lines.append(f["sentence"])
+    if t.get("verdict") == "fail" and not t.get("known_findings"):
+        lines.append(f"not a known finding; the evidence is in {t.get('directory')}")
     for r in t.get("differences") or []:
         lines.append(r.get("text") or f"{r.get('start')}-{r.get('end')} {r.get('pages')} pages {r.get('diagnosis')}")
     for f in t.get("destination_invariant") or []:
@@ -52,9 +62,16 @@ def _failure_message(t: dict) -> str:
         counts = c.get("diagnosis_counts") or {}
         parts.append(f"{c['diff_count']} of {c.get('page_count')} pages differ"
                      + (" (" + ", ".join(f"{n} {k}" for k, n in counts.items()) + ")" if counts else ""))
+    cpu = t.get("cpu_state") or {}
+    if cpu.get("differences"):
+        names = sorted({d["register"] for d in cpu["differences"]})
+        parts.append(f"CPU state: {len(cpu['differences'])} register values differ ({', '.join(names[:8])}"
+                     + (", ..." if len(names) > 8 else "") + ")")
     resume = t.get("resume") or {}
     if resume and not resume.get("ok"):
         parts.append("destination did not run after resuming")
+    for f in t.get("known_findings") or []:
+        parts.append(f"known finding {f.get('id')}")
     return "; ".join(parts) or "verification failed"
 
 

@@ -72,24 +72,34 @@ def diagnose_trial(trial: TrialResult, result: CompareResult, ram_base: int, inv
     trial.verdict = "pass" if all(c["ok"] is not False for c in checks(trial).values()) else "fail"
 
 
-def checks(trial: TrialResult) -> dict:
+def checks(trial) -> dict:
     """The three things a trial checks, each {"ok": True | False | None (not checked), "text"}:
-    memory (the RAM images), cpu_state (every vCPU register) and liveness (the resumed guest runs)."""
-    c = trial.compare
+    memory (the RAM images), cpu_state (every vCPU register) and liveness (the resumed guest runs).
+    `trial` is a TrialResult or its dict in report.json."""
+    if isinstance(trial, dict):
+        return trial.get("checks") or _checks(trial.get("compare") or {}, trial.get("cpu_state") or {},
+                                               trial.get("resume") or {})
+    return _checks(trial.compare, trial.cpu_state, trial.resume)
+
+
+CHECK_LABELS = {"memory": "memory", "cpu_state": "CPU state", "liveness": "liveness"}
+
+
+def _checks(c: dict, cs: dict, r: dict) -> dict:
     if "diff_count" in c:
         memory = {"ok": c["diff_count"] == 0,
                   "text": "memory identical" if c["diff_count"] == 0 else f"memory: {c['diff_count']} pages differ"}
     else:
         memory = {"ok": None, "text": "memory not compared"}
-    cs = trial.cpu_state
     if "identical" in cs:
         n = len(cs["differences"])
+        names = sorted({d["register"] for d in cs["differences"]})
+        vcpus = len({d["vcpu"] for d in cs["differences"]})
         cpu = {"ok": cs["identical"], "text": "CPU state identical" if cs["identical"] else
-               f"CPU state: {n} register{'s' if n != 1 else ''} differ"
-               f" ({', '.join(sorted({d['register'] for d in cs['differences']})[:8])})"}
+               f"CPU state: {n} register value{'s' if n != 1 else ''} differ on {vcpus} vCPU{'s' if vcpus != 1 else ''}"
+               f" ({', '.join(names[:8])}{', ...' if len(names) > 8 else ''})"}
     else:
         cpu = {"ok": None, "text": "CPU state not compared" + (f" ({cs['skipped']})" if cs.get("skipped") else "")}
-    r = trial.resume
     if "ok" in r:
         live = {"ok": r["ok"], "text": "guest ran after resume" if r["ok"] else "guest did not run after resume"}
     else:
@@ -239,8 +249,9 @@ class RunReport:
                 lines.append("  pages: " + _page_sizes_text(t.page_sizes))
             if t.injection.get("injected"):
                 i = t.injection
-                lines.append(f"  negative control {i['kind']}: {i['detected']} of {i['injected']} injected pages "
-                             f"detected, {i['other_differences']} other differing pages"
+                lines.append(f"  negative control {i['kind']}: {i['detected']} of {i['injected']} injected "
+                             f"{i.get('unit', 'pages')} "
+                             f"detected, {i['other_differences']} other differing {i.get('unit', 'pages')}"
                              + (f"; MISSED {', '.join(map(str, i['missed']))}" if i["missed"] else ""))
             counts = t.compare.get("diagnosis_counts") if t.compare else None
             if counts:

@@ -46,7 +46,7 @@ class VerifyOptions:
     delete_images: bool = False
     extra_append: str = ""
     machine: str | None = None  # default: the machine named in the manifest
-    inject: tuple[str, int] | None = None  # ("untracked-writes" | "corrupt-capture", pages)
+    inject: tuple[str, int] | None = None  # ("untracked-writes" | "corrupt-capture", pages) | ("cpu-register", registers)
     capabilities: dict = field(default_factory=dict)  # migration capabilities, both sides
     parameters: dict = field(default_factory=dict)  # migration parameters, source
     postcopy: bool = False
@@ -139,6 +139,9 @@ def verify(art: GuestArtifacts, opts: VerifyOptions, reporter: Reporter | None =
             "anon" if opts.host_backing == "auto" else opts.host_backing)
         _check_host_backing(opts)
         sites = LocalSites(qemu, capture)
+    if opts.inject and opts.inject[0] == "cpu-register" and not opts.cpu_state:
+        raise InputError("--inject cpu-register plants a register difference for the CPU-state comparison: "
+                         "it cannot be combined with --no-cpu-state")
     if opts.inject and opts.inject[0] == "untracked-writes" and capture != "backing-file":
         raise InputError("--inject untracked-writes writes through the source's RAM backing file: "
                          "it needs --capture backing-file")

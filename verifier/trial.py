@@ -233,7 +233,13 @@ def _run_trial(trial, art, opts, sites: Sites, machine, accel, reporter, t_start
         if cpu_state:
             reporter.step(f"trial {trial.index}: comparing CPU state (every register of every vCPU)")
             t_cpu = time.monotonic()
-            trial.cpu_state = read_cpu_state(src, dst, machine.arch, tdir)
+            plant = opts.inject[1] if opts.inject and opts.inject[0] == "cpu-register" else 0
+            trial.cpu_state = read_cpu_state(src, dst, machine.arch, tdir, plant=plant)
+            if plant:
+                planted = trial.cpu_state.pop("planted")
+                trial.injection = {"kind": "cpu-register",
+                                   "registers": [f"vCPU {p['vcpu']} {p['register']}" for p in planted],
+                                   **_inject.check_registers(planted, trial.cpu_state["differences"])}
             trial.timings["cpu_state_s"] = round(time.monotonic() - t_cpu, 3)
         else:
             trial.cpu_state = {"skipped": "--no-cpu-state"}
@@ -248,7 +254,7 @@ def _run_trial(trial, art, opts, sites: Sites, machine, accel, reporter, t_start
     t_cmp = time.monotonic()
     result = sites.compare(trial, images, opts.mem_mb, machine.ram_base, tdir)
     trial.timings["compare_s"] = round(time.monotonic() - t_cmp, 3)
-    if trial.injection:
+    if trial.injection and trial.injection["kind"] != "cpu-register":
         if "pages" not in trial.injection:
             raise MigrationError("--inject untracked-writes: the source never paused before switchover")
         trial.injection["addresses"] = [hex(machine.ram_base + p * 4096) for p in trial.injection["pages"]]
@@ -259,16 +265,23 @@ def _run_trial(trial, art, opts, sites: Sites, machine, accel, reporter, t_start
     trial.timings["total_s"] = round(time.monotonic() - t_start, 3)
 
 
-def read_cpu_state(src: QemuProcess, dst: QemuProcess, arch: str, tdir: Path) -> dict:
+def read_cpu_state(src: QemuProcess, dst: QemuProcess, arch: str, tdir: Path, plant: int = 0) -> dict:
     """Every register of every vCPU on both sides through their gdbstubs (the source is
     postmigrate, the destination still paused; neither is resumed by reading), compared.
-    Both dumps are kept in the trial directory as evidence."""
-    dumps = {}
+    Both dumps are kept in the trial directory as evidence. `plant` (--inject cpu-register:N):
+    N registers of the destination are changed before it is read, and restored after."""
+    dumps, planted = {}, []
     for proc in (src, dst):
         with _cpustate.GdbStub(proc.gdb_path) as stub:
+            if plant and proc is dst:
+                planted = _inject.plant_registers(stub, arch, plant)
             dumps[proc.name] = stub.read_all()
+            if planted:
+                _inject.restore_registers(stub, planted)
         (tdir / f"cpu-{proc.name}.json").write_text(json.dumps(dumps[proc.name], indent=1) + "\n")
     result = _cpustate.compare(dumps["src"], dumps["dst"], arch)
+    if plant:
+        result["planted"] = planted
     result["vcpus"] = len(dumps["src"])
     result["arch"] = arch
     return result
