@@ -147,7 +147,7 @@ def test_offline_build_with_an_empty_cache_names_what_is_missing(tmp_path):
 
 
 @pytest.mark.parametrize("args,expect", [
-    (["--inject", "bogus"], "expected untracked-writes or corrupt-capture"),
+    (["--inject", "bogus"], "expected untracked-writes, corrupt-capture, cpu-register"),
     (["--inject", "untracked-writes:0"], "between 1 and 4096"),
     (["--inject", "untracked-writes", "--capture", "pmemsave"], "needs --capture backing-file"),
     (["--postcopy", "--capture", "backing-file"], "--postcopy cannot use --capture backing-file"),

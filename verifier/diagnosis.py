@@ -114,7 +114,8 @@ def classify_page(src_page: bytes, dst_page: bytes, image_page: int = 0) -> Page
 
 @dataclass
 class DiagnosisRange:
-    """Consecutive image pages with the same diagnosis, instance and consecutive page_index."""
+    """Consecutive image pages with the same diagnosis and instance whose page_index runs by one,
+    upwards or downwards (the guest allocator often maps a buffer in descending physical order)."""
 
     kind: str
     first_page: int
@@ -133,6 +134,7 @@ class DiagnosisRange:
     dst_gen_min: int | None = None
     dst_gen_max: int | None = None
     first: PageDiagnosis | None = field(default=None, repr=False)
+    index_step: int = 0  # +1 or -1 once the range has two pages of one instance
 
     @property
     def pages(self) -> int:
@@ -170,8 +172,9 @@ class DiagnosisRange:
         n = self.pages
         parts = [span, f"{n} page{'s' if n != 1 else ''}", self.kind]
         if self.instance_id is not None:
-            idx = (f"page {self.first_index}" if self.first_index == self.last_index
-                   else f"pages {self.first_index}-{self.last_index}")
+            lo, hi = sorted((self.first_index, self.last_index))
+            idx = (f"page {lo}" if lo == hi else f"pages {lo}-{hi}"
+                   + (" (descending in memory)" if self.index_step < 0 else ""))
             parts.append(f"instance {self.instance_id} {idx}")
         if self.kind in (STALE, IMPOSSIBLE) and self.lag_min is not None:
             dst_g = _span(self.dst_gen_min, self.dst_gen_max)
@@ -212,11 +215,13 @@ def group_diagnoses(diags: Iterable[PageDiagnosis], base: int = RAM_BASE_VEXPRES
     cur: DiagnosisRange | None = None
     for d in diags:
         iid, idx = d.instance_id, d.page_index
+        step = None if cur is None or iid is None or idx is None or cur.last_index is None else idx - cur.last_index
         if (cur is not None and d.kind == cur.kind and d.image_page == cur.last_page + 1
                 and iid == cur.instance_id
-                and (iid is None or idx == cur.last_index + 1)):
+                and (iid is None or (step in (1, -1) and cur.index_step in (0, step)))):
             cur.last_page = d.image_page
             cur.last_index = idx
+            cur.index_step = step or 0
         else:
             cur = DiagnosisRange(d.kind, d.image_page, d.image_page,
                                  guest_phys_addr(d.image_page, base, page_size), 0,
