@@ -1,7 +1,11 @@
 #!/usr/bin/env python3
 """Time the CPU-state oracle (verifier.cpustate) on real migrated guests.
 
-For a 2-vCPU vexpress-a15 and virt guest (armv7), migrates once, then reads all registers of
+What it adds to a verification (--in-verify): runs `dirtylog verify --trials N` on each machine
+(2 vCPUs, the default workload) and prints median and max of the report's
+timings.cpu_state_s (both gdbstubs read and compared) against the whole trial.
+
+The stub alone: for a 2-vCPU vexpress-a15 and virt guest (armv7), migrates once, then reads all registers of
 all vCPUs through the gdbstub --trials times on both sides (connect + read_all + close) and
 prints median and max seconds per trial and side. When gdb-multiarch is installed it also times
 
@@ -10,12 +14,14 @@ prints median and max seconds per trial and side. When gdb-multiarch is installe
 on the same stubs (`disconnect` rather than gdb's default detach at exit: a detach 'D' makes
 QEMU resume the stopped VM), and reports the run state afterwards.
 
-    .venv/bin/python benchmarks/cpustate.py [--qemu PATH] [--trials 10] [--machines vexpress-a15,virt]
+    .venv/bin/python benchmarks/cpustate.py --artifacts DIR [--qemu PATH] [--trials 10]
+        [--machines vexpress-a15,virt] [--in-verify] [--no-gdb]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import statistics
 import subprocess
@@ -60,6 +66,25 @@ def fmt(times: list[float]) -> str:
     return f"median {statistics.median(times):.4f} s  max {max(times):.4f} s"
 
 
+def in_verify(binary: str, artifacts: Path, machine: str, trials: int) -> None:
+    with tempfile.TemporaryDirectory(prefix="cpustate-bench-") as d:
+        run_dir = Path(d) / "run"
+        res = subprocess.run([sys.executable, "-m", "dirtylog.cli", "-q", "verify", "--artifacts", str(artifacts),
+                              "--qemu", binary, "--machine", machine, "--smp", "2", "--trials", str(trials),
+                              "--delete-images", "--run-dir", str(run_dir)], capture_output=True, text=True,
+                             cwd=REPO)
+        if not (run_dir / "report.json").is_file():
+            print(f"{machine:13s} verify failed (exit {res.returncode}): {res.stderr.strip()[-300:]}")
+            return
+        report = json.loads((run_dir / "report.json").read_text())
+    cpu = [t["timings"]["cpu_state_s"] for t in report["trials"] if "cpu_state_s" in (t.get("timings") or {})]
+    total = [t["timings"]["total_s"] for t in report["trials"] if "total_s" in (t.get("timings") or {})]
+    regs = {t["cpu_state"].get("registers_compared") for t in report["trials"] if t.get("cpu_state")}
+    print(f"{machine:13s} in verify: CPU state {fmt(cpu)} over {len(cpu)} trials "
+          f"(trial total median {statistics.median(total):.1f} s; registers compared {sorted(regs)}; "
+          f"verdict {report['verdict']}, exit {res.returncode})")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--qemu", default="qemu-system-arm", help="e.g. the patched QEMU from dirtylog build --qemu patched")
@@ -67,9 +92,15 @@ def main() -> int:
     ap.add_argument("--trials", type=int, default=10)
     ap.add_argument("--machines", default="vexpress-a15,virt")
     ap.add_argument("--no-gdb", action="store_true")
+    ap.add_argument("--in-verify", action="store_true", help="time the check inside `dirtylog verify` trials")
     args = ap.parse_args()
     test_cpustate.ART = args.artifacts
     binary = shutil.which(args.qemu) or args.qemu
+    if args.in_verify:
+        print(f"QEMU {binary}; dirtylog verify --trials {args.trials} --smp 2 per machine")
+        for machine in args.machines.split(","):
+            in_verify(binary, args.artifacts.resolve(), machine, args.trials)
+        return 0
     gdb = None if args.no_gdb else shutil.which("gdb-multiarch")
     print(f"QEMU {binary}; {args.trials} trials per side; gdb-multiarch: {gdb or 'not installed'}")
     for machine in args.machines.split(","):

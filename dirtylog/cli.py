@@ -431,13 +431,16 @@ def _verify(console, artifacts, **kw):
               "combine shards with `dirtylog report merge`.")
 @click.option("--junit", "junit_path", type=click.Path(path_type=Path), help="With --matrix: also write JUnit XML here.")
 @click.option("--html", "html_path", type=click.Path(path_type=Path), help="With --matrix: also write the HTML report here.")
+@click.option("--scenario", "select", multiple=True, metavar="GLOB",
+              help="With --matrix: run only the scenarios whose name matches (repeatable; * and ? are wildcards, e.g. 'release[*smp=2*]').")
 @verify_options
 @click.pass_context
-def verify_cmd(ctx, artifacts, matrix_file, jobs, shard, junit_path, html_path, **kw):
+def verify_cmd(ctx, artifacts, matrix_file, jobs, shard, junit_path, html_path, select, **kw):
     """Boot source and destination, live-migrate under load, capture and compare guest RAM."""
     console = ctx.obj
     if matrix_file is None:
-        for opt, given in (("--jobs", jobs != 1), ("--shard", shard), ("--junit", junit_path), ("--html", html_path)):
+        for opt, given in (("--jobs", jobs != 1), ("--shard", shard), ("--junit", junit_path), ("--html", html_path),
+                           ("--scenario", select)):
             if given:
                 raise click.UsageError(f"{opt} applies to --matrix runs only")
         _verify(console, artifacts, **kw)
@@ -449,7 +452,7 @@ def verify_cmd(ctx, artifacts, matrix_file, jobs, shard, junit_path, html_path, 
         raise click.UsageError(f"{', '.join(clash)}: with --matrix the scenario options come from the matrix file")
     from dirtylog.cli_matrix import run_matrix
     sys.exit(run_matrix(matrix_file, jobs, shard, artifacts, kw["run_dir"], kw["json_path"], junit_path,
-                        html_path, console))
+                        html_path, console, select))
 
 
 @cli.command("make-and-verify")

@@ -58,8 +58,11 @@ def _write_outputs(report: dict, out_dir: Path | None, json_path, junit_path, ht
 
 def summary_lines(report: dict) -> list[str]:
     s = report["summary"]
+    expected = "".join(f"{s[k]} {label}, " for k, label in (("expected_failures", "failed as expected"),
+                                                            ("unexpected_passes", "passed unexpectedly"))
+                       if s.get(k))
     lines = [f"dirtylog matrix: {report['verdict'].upper()}  ({s['passed']} passed, {s['failed']} failed, "
-             f"{s['errors']} errors, {s['interrupted'] + s['not_run']} interrupted/not run of {s['scenarios']} "
+             f"{expected}{s['errors']} errors, {s['interrupted'] + s['not_run']} interrupted/not run of {s['scenarios']} "
              f"scenarios)"]
     if report.get("shard"):
         lines[0] += f"  shard {report['shard']['index']}/{report['shard']['count']}"
@@ -73,13 +76,15 @@ def summary_lines(report: dict) -> list[str]:
         extra = f"differing pages {diffs}" if trials else ""
         if sc.get("error"):
             extra += ("; " if extra else "") + sc["error"].splitlines()[0][:200]
+        if sc.get("expectation"):
+            extra += ("; " if extra else "") + sc["expectation"]
         wall = f"{sc['wall_s']:.0f}s" if sc.get("wall_s") is not None else "-"
-        lines.append(f"  {sc['status'].upper():<11} {sc['name']:<{width}}  {wall:>5}  {extra}")
+        lines.append(f"  {sc['status'].upper():<15} {sc['name']:<{width}}  {wall:>5}  {extra}")
     return lines
 
 
 def run_matrix(matrix_file, jobs=1, shard=None, artifacts_default=None, run_dir=None, json_path=None,
-               junit_path=None, html_path=None, console=None) -> int:
+               junit_path=None, html_path=None, console=None, select=()) -> int:
     """Run (a shard of) a matrix; write matrix-report.json and junit.xml into the run directory,
     and --json/--junit/--html where asked. Returns the exit code (see the module doc)."""
     from verifier.matrix import execute, prepare, report_dict, _now
@@ -89,7 +94,7 @@ def run_matrix(matrix_file, jobs=1, shard=None, artifacts_default=None, run_dir=
             _error(f"{opt}: directory of {p} does not exist")
             return 2
     try:
-        run, notes, arts = prepare(Path(matrix_file), jobs, shard, artifacts_default, run_dir)
+        run, notes, arts = prepare(Path(matrix_file), jobs, shard, artifacts_default, run_dir, select=tuple(select))
     except InputError as exc:
         _error(str(exc))
         return 2
@@ -110,7 +115,8 @@ def run_matrix(matrix_file, jobs=1, shard=None, artifacts_default=None, run_dir=
 
     def done(res):
         _say(console, f"scenario {res.scenario.name}: {res.status.upper()}"
-             + (f" ({res.error.splitlines()[0][:200]})" if res.error and res.status != "fail" else ""))
+             + (f" ({res.error.splitlines()[0][:200]})" if res.error and res.status != "fail" else "")
+             + (f": {res.expectation}" if res.expectation else ""))
 
     code = 130
     try:
@@ -197,10 +203,12 @@ def _standalone(ctx, quiet):
 @click.option("--json", "json_path", type=click.Path(path_type=Path))
 @click.option("--junit", "junit_path", type=click.Path(path_type=Path))
 @click.option("--html", "html_path", type=click.Path(path_type=Path))
+@click.option("--scenario", "select", multiple=True, metavar="GLOB")
 @click.pass_obj
-def _run_cmd(console, matrix_file, artifacts, jobs, shard, run_dir, json_path, junit_path, html_path):
+def _run_cmd(console, matrix_file, artifacts, jobs, shard, run_dir, json_path, junit_path, html_path, select):
     """Same as `dirtylog verify --matrix MATRIX_FILE`."""
-    sys.exit(run_matrix(matrix_file, jobs, shard, artifacts, run_dir, json_path, junit_path, html_path, console))
+    sys.exit(run_matrix(matrix_file, jobs, shard, artifacts, run_dir, json_path, junit_path, html_path, console,
+                        select))
 
 
 register(_standalone)

@@ -67,7 +67,10 @@ def test_lists_in_defaults_multiply_every_scenario(tmp_path):
 
 def test_shipped_matrices_load():
     sizes = {p.name: len(load_matrix(p).scenarios) for p in (REPO / "matrices").glob("*.toml")}
-    assert sizes == {"seed-2014.toml": 1, "smoke.toml": 2, "release.toml": 16}
+    assert sizes == {"seed-2014.toml": 1, "smoke.toml": 2, "release.toml": 17}
+    xfail = [s for s in load_matrix(REPO / "matrices" / "release.toml").scenarios if s.params["expect"] == "fail"]
+    assert [(s.name, s.params["machine_opts"], s.params["expect_registers"]) for s in xfail] == [
+        ("vexpress-secure-on", "secure=on", ["TTBR1_S", "DACR_S"])]
     seed = load_matrix(REPO / "matrices" / "seed-2014.toml").scenarios[0].params
     assert (seed["machine"], seed["smp"], seed["mem"], seed["workloads"]) == (
         "vexpress-a15", 2, 256, ["512:512:50", "512:512:50", "50:50:5"])
@@ -92,6 +95,12 @@ def test_shipped_matrices_load():
     ('[[scenario]]\nname = "a"\nmem = 64\nworkloads = ["8192:1:1"]\n', 4, ["key 'workloads'", "MiB"]),
     ('[[scenario]]\nname = "a"\nsmp = []\n', 3, ["empty list"]),
     ('[[scenario]]\nname = "a"\n"trials" = 0\n', 3, ["key 'trials'"]),
+    ('[[scenario]]\nname = "a"\nexpect = "maybe"\n', 3, ["key 'expect'", "pass, fail"]),
+    ('[[scenario]]\nname = "a"\n\nexpect_registers = ["TTBR1_S"]\n', 4,
+     ["key 'expect_registers'", 'needs expect = "fail"']),
+    ('[[scenario]]\nname = "a"\nexpect = "fail"\nexpect_finding = "no-such"\n', 4,
+     ["key 'expect_finding'", "not a known finding", "arm-secure-cp15-banks-not-migrated"]),
+    ('[[scenario]]\nname = "a"\nexpect = "fail"\nexpect_registers = []\n', 4, ["key 'expect_registers'"]),
 ])
 def test_bad_keys_and_values_name_file_line_and_key(tmp_path, text, line, words):
     msg = _error(tmp_path, text)
@@ -342,3 +351,30 @@ def test_scenarios_are_checked_against_their_artifacts_before_anything_starts(ar
     m2 = _write(tmp_path, '[[scenario]]\nname = "a"\nqemu = "/nonexistent/qemu-system-arm"\n', name="q.toml")
     res = _run("run", m2, "--artifacts", artifacts, "--run-dir", tmp_path / "run2", timeout=120)
     assert res.returncode == 2 and "scenario 'a'" in res.stderr, res.stderr
+
+
+@pytest.mark.e2e
+def test_release_matrix_pins_the_secure_cp15_bug_as_an_expected_failure(artifacts, tmp_path):
+    """The shipped release matrix's expected-FAIL scenario, run alone with --scenario: it fails
+    as expected (exit 0), and its reports name the Secure banks that arrive as zero."""
+    from conftest import run_dirtylog
+    release = REPO / "matrices" / "release.toml"
+    typo = run_dirtylog("verify", "--matrix", release, "--scenario", "vexpress-secure-of", "--artifacts", artifacts,
+                        "--run-dir", tmp_path / "typo")
+    assert typo.returncode == 2 and "matches no scenario" in typo.stderr and "Traceback" not in typo.stderr
+    assert not (tmp_path / "typo").exists()
+    res = run_dirtylog("verify", "--matrix", release, "--scenario", "vexpress-secure-*", "--artifacts", artifacts,
+                       "--run-dir", tmp_path / "run")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "EXPECTED-FAIL" in res.stdout and "1 failed as expected" in res.stdout
+    r = json.loads((tmp_path / "run" / "matrix-report.json").read_text())
+    assert r["verdict"] == "pass" and r["selected"] == ["vexpress-secure-*"]
+    (sc,) = r["scenarios"]
+    assert sc["status"] == "expected-fail" and "TTBR1_S" in sc["expectation"] and "DACR_S" in sc["expectation"]
+    (t,) = sc["report"]["trials"]
+    assert t["verdict"] == "fail" and {"TTBR1_S", "DACR_S"} <= {d["register"] for d in t["cpu_state"]["differences"]}
+    first = (Path(sc["run_dir"]) / "report.txt").read_text().splitlines()[0]
+    assert "CPU state" in first and "TTBR1_S" in first, first
+    junit_xml = (tmp_path / "run" / "junit.xml").read_text()
+    assert 'type="dirtylog.expected-fail"' in junit_xml and "arm-secure-cp15-banks-not-migrated" in junit_xml
+    assert qemu_processes_under(tmp_path) == []

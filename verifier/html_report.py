@@ -29,7 +29,7 @@ DIAGNOSIS_COLOURS = {
 }
 OTHER_COLOUR = "#8c564b"
 STATUS_COLOURS = {"pass": "#2ca02c", "fail": "#d62728", "error": "#ff7f0e", "interrupted": "#7f7f7f",
-                  "not-run": "#7f7f7f"}
+                  "not-run": "#7f7f7f", "expected-fail": "#9467bd", "unexpected-pass": "#d62728"}
 
 
 def _plt():
@@ -229,7 +229,9 @@ def render(matrix_report: dict, title: str = "dirtylog matrix report") -> str:
            f"<h1>{_e(title)}: {_status(r.get('verdict', '?'))}</h1>",
            "<table>",
            f"<tr><th>scenarios</th><td>{s.get('scenarios')} ({s.get('passed')} passed, {s.get('failed')} failed, "
-           f"{s.get('errors')} errors, {s.get('interrupted')} interrupted, {s.get('not_run')} not run)</td></tr>",
+           + "".join(f"{s[k]} {label}, " for k, label in (("expected_failures", "failed as expected"),
+                                                           ("unexpected_passes", "passed unexpectedly")) if s.get(k))
+           + f"{s.get('errors')} errors, {s.get('interrupted')} interrupted, {s.get('not_run')} not run)</td></tr>",
            f"<tr><th>trials</th><td>{_e(_words(s.get('trials')))}</td></tr>",
            f"<tr><th>matrix</th><td><code>{_e(m.get('file'))}</code> sha256 <code>{_e(m.get('sha256'))}</code></td></tr>",
            f"<tr><th>shard</th><td>{_e(r.get('shard') or 'all')}</td></tr>",
@@ -271,6 +273,8 @@ def _scenario_html(sc: dict) -> str:
            f"<p>reproducer:</p><pre>{_e(rep.get('command') or sc.get('command'))}</pre>"]
     if sc.get("error"):
         out.append(f"<p><b>error:</b></p><pre>{_e(sc['error'])}</pre>")
+    if sc.get("expectation"):
+        out.append(f"<p><b>expectation:</b> {_e(sc['expectation'])}</p>")
     out.append("<table>")
     out.append(f"<tr><th>parameters</th><td>{_kv_table(sc.get('params') or {})}</td></tr>")
     if rep:

@@ -4,6 +4,9 @@ One <testsuite> per matrix (name "dirtylog"), one <testcase> per scenario trial:
 classname = the scenario's name, name = "trial-N". A FAIL trial carries <failure> with the
 diagnosis text; an infrastructure error (QEMU crashed, migration did not converge, ...) is an
 <error>; trials never run (an earlier trial's error, an interrupted matrix) are <skipped>.
+A scenario with expect = "fail" (verifier.expect): a trial that failed as expected is <skipped
+type="dirtylog.expected-fail"> (pytest's xfail), one that passed or failed otherwise a <failure>
+whose message says what was expected.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import socket
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from .expect import EXPECTED_FAIL, UNEXPECTED_PASS, trial_outcome
 from .fsutil import atomic_write
 
 _BAD_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
@@ -82,6 +86,7 @@ def cases(scenario: dict) -> list[dict]:
     trials_wanted = int((scenario.get("params") or {}).get("trials") or 1)
     out = []
     trials = report["trials"] if report else []
+    params = scenario.get("params") or {}
     for t in trials:
         case = {"name": f"trial-{t['index']}", "time": (t.get("timings") or {}).get("total_s") or 0.0,
                 "outcome": "pass", "message": "", "text": "", "out": ""}
@@ -95,7 +100,17 @@ def cases(scenario: dict) -> list[dict]:
                             text=t.get("error") or "")
         elif t["verdict"] not in ("pass",):
             case.update(outcome="error", message=f"trial {t['verdict']}", text=t.get("error") or "")
+        outcome, sentence = trial_outcome(params, t)
+        if outcome == EXPECTED_FAIL:
+            case.update(outcome="skipped", type="dirtylog.expected-fail", message=sentence)
+        elif outcome == UNEXPECTED_PASS or sentence:
+            case.update(outcome="failure", type="dirtylog.unexpected-pass" if outcome == UNEXPECTED_PASS
+                        else "dirtylog.verification",
+                        message=sentence + ("; " + case["message"] if case["message"] else ""),
+                        text=sentence + "\n" + (case["text"] or trial_text(t)))
         case["out"] = f"trial directory: {t.get('directory')}\nreproducer: {scenario.get('command', '')}"
+        if outcome == EXPECTED_FAIL:  # a <skipped> has no text of its own: the diagnosis goes to system-out
+            case["out"] = trial_text(t) + "\n" + case["out"]
         out.append(case)
     status = scenario["status"]
     if not trials and status in ("error", "interrupted"):
@@ -134,11 +149,12 @@ def to_xml(matrix_report: dict, suite_name: str = "dirtylog") -> bytes:
                                                "time": f"{float(c['time'] or 0):.3f}"})
         if c["outcome"] in ("failure", "error"):
             el = ET.SubElement(tc, c["outcome"], {"message": _clean(c["message"])[:1000],
-                                                  "type": "dirtylog." + ("verification" if c["outcome"] == "failure"
-                                                                         else "infrastructure")})
+                                                  "type": c.get("type") or "dirtylog." + (
+                                                      "verification" if c["outcome"] == "failure" else "infrastructure")})
             el.text = _clean(c["text"])
         elif c["outcome"] == "skipped":
-            ET.SubElement(tc, "skipped", {"message": c["message"]})
+            ET.SubElement(tc, "skipped", {"message": _clean(c["message"])[:1000],
+                                          **({"type": c["type"]} if c.get("type") else {})})
         if c.get("out"):
             ET.SubElement(tc, "system-out").text = _clean(c["out"])
     ET.indent(root)

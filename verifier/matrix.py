@@ -47,6 +47,7 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import expect
 from .errors import InputError, VerifyError
 from .fsutil import atomic_write
 
@@ -155,6 +156,20 @@ def _workloads(v):
     return v
 
 
+def _registers(v):
+    if not isinstance(v, list) or not v or not all(isinstance(r, str) and r.strip() for r in v):
+        raise ValueError(f"expected a non-empty list of register names or patterns, e.g. [\"TTBR1_S\"], got {v!r}")
+    return v
+
+
+def _finding(v):
+    from . import findings
+    ids = [f["id"] for f in findings.load()]
+    if v not in ids:
+        raise ValueError(f"{v!r} is not a known finding (verifier/findings.json: {', '.join(ids)})")
+    return v
+
+
 def _bool(v):
     if not isinstance(v, bool):
         raise ValueError(f"expected true or false, got {v!r}")
@@ -182,6 +197,10 @@ KEYS = {
     "guest_pages": (_choice(GUEST_PAGES), "4k"),
     "machine_opts": (_text, None),  # extra -machine properties, e.g. "secure=on" for vexpress-a15
     "cpu_state": (_bool, True),  # compare every vCPU register through the gdbstubs
+    # expected results (verifier.expect): a scenario that reproduces a known bug on purpose
+    "expect": (_choice(("pass", "fail")), "pass"),
+    "expect_finding": (_finding, None),  # needs expect = "fail"
+    "expect_registers": (_registers, None),  # fnmatch patterns; needs expect = "fail"
     # two hosts (verifier.remote): None/"local" runs that side on this machine
     "src_host": (_host, None),
     "dst_host": (_host, None),
@@ -193,6 +212,8 @@ KEYS = {
     "allow_qemu_mismatch": (_bool, False),
 }
 HOST_KEYS = ("src_host", "dst_host")
+LIST_KEYS = ("workloads", "expect_registers")  # a list is one value; a list of lists is an axis
+EXPECT_KEYS = ("expect_finding", "expect_registers")
 PATH_KEYS = ("artifacts", "ssh_identity", "known_hosts")  # relative to the matrix file
 # Asked for by users, not implemented by the verifier behind a matrix: say so instead of "unknown".
 NOT_SUPPORTED = {
@@ -356,7 +377,7 @@ def load_matrix(path: Path) -> Matrix:
             if key == "name" and not allow_name:
                 raise err(header, nth, key, "a scenario's name belongs in its [[scenario]] table")
             validator = KEYS[key][0]
-            is_axis = isinstance(value, list) and (key != "workloads" or (value and isinstance(value[0], list)))
+            is_axis = isinstance(value, list) and (key not in LIST_KEYS or (value and isinstance(value[0], list)))
             if key == "name" and isinstance(value, list):
                 raise err(header, nth, key, "a name cannot be a list")
             values = value if is_axis else [value]
@@ -401,9 +422,30 @@ def load_matrix(path: Path) -> Matrix:
             except InputError as exc:
                 key = "workloads" if "workloads" in table or "workloads" not in defaults else "mem"
                 raise err("[[scenario", nth, key, f"scenario '{name}': {exc}") from None
+            for key in EXPECT_KEYS:
+                if params[key] is not None and params["expect"] != "fail":
+                    raise err("[[scenario", nth, key if key in table else "expect",
+                              f"scenario '{name}': {key} needs expect = \"fail\"")
             params["name"] = name
             expanded.append(Scenario(name=name, index=len(expanded), params=params, origin=origin))
     return Matrix(path=path.resolve(), sha256=hashlib.sha256(raw).hexdigest(), scenarios=expanded)
+
+
+def select_scenarios(matrix: Matrix, patterns: tuple[str, ...]) -> list[Scenario]:
+    """The scenarios whose expanded name matches one of the --scenario patterns (all without any):
+    `*` and `?` are wildcards, brackets are literal (expanded names hold them: "bw[smp=2]").
+    A pattern that matches nothing is refused, so a typo does not quietly run nothing."""
+    if not patterns:
+        return list(matrix.scenarios)
+
+    def matches(name: str, pattern: str) -> bool:
+        rx = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
+        return re.fullmatch(rx, name) is not None
+    for p in patterns:
+        if not any(matches(s.name, p) for s in matrix.scenarios):
+            names = ", ".join(s.name for s in matrix.scenarios[:12]) + (", ..." if len(matrix.scenarios) > 12 else "")
+            raise InputError(f"--scenario {p!r} matches no scenario of {matrix.path} (scenarios: {names})")
+    return [s for s in matrix.scenarios if any(matches(s.name, p) for p in patterns)]
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -510,13 +552,14 @@ def _max_parallel(scenarios: list[Scenario], jobs: int, host: Host) -> int:
 @dataclass
 class ScenarioResult:
     scenario: Scenario
-    status: str = "not-run"  # pass | fail | error | interrupted | not-run
+    status: str = "not-run"  # pass | fail | expected-fail | unexpected-pass | error | interrupted | not-run
     run_dir: Path | None = None
     error: str | None = None
     exit_code: int | None = None
     wall_s: float | None = None
     report: dict | None = None  # RunReport.to_dict()
     command: str = ""
+    expectation: str = ""  # verifier.expect's sentence for an expect = "fail" scenario
 
     def to_dict(self) -> dict:
         return {
@@ -531,11 +574,13 @@ class ScenarioResult:
             "run_dir": str(self.run_dir) if self.run_dir else None,
             "command": self.command,
             "wall_s": self.wall_s,
+            "expectation": self.expectation,
             "report": self.report,
         }
 
 
-STATUS_EXIT = {"pass": 0, "fail": 1, "error": 3, "interrupted": 130, "not-run": 130}
+STATUS_EXIT = {"pass": 0, "fail": 1, "expected-fail": 0, "unexpected-pass": 1, "error": 3,
+               "interrupted": 130, "not-run": 130}
 
 
 def matrix_exit_code(statuses: list[str]) -> int:
@@ -544,7 +589,7 @@ def matrix_exit_code(statuses: list[str]) -> int:
         return 130
     if any(s == "error" for s in statuses) or not statuses:
         return 3
-    if any(s == "fail" for s in statuses):
+    if any(s in ("fail", "unexpected-pass") for s in statuses):
         return 1
     return 0
 
@@ -560,6 +605,8 @@ def summarize(scenarios: list[dict]) -> dict:
         "scenarios": len(scenarios),
         "passed": statuses.count("pass"),
         "failed": statuses.count("fail"),
+        "expected_failures": statuses.count("expected-fail"),
+        "unexpected_passes": statuses.count("unexpected-pass"),
         "errors": statuses.count("error"),
         "interrupted": statuses.count("interrupted"),
         "not_run": statuses.count("not-run"),
@@ -752,6 +799,9 @@ def run_scenario(s: Scenario, art, run_dir: Path, console, cancel: threading.Eve
                 res.exit_code = failed.error_exit_code or 3
                 if res.exit_code == 2:
                     res.status = "error"
+        if res.status in ("pass", "fail"):
+            res.status, res.expectation = expect.scenario_status(s.params, res.status, res.report)
+            res.exit_code = STATUS_EXIT[res.status]
         if res.status == "interrupted":
             res.exit_code = 130
     if cancel.is_set() and res.status in ("error", "not-run"):
@@ -787,11 +837,13 @@ class MatrixRun:
     artifacts_default: Path | None = None
     host: Host | None = None
     command: str = ""
+    selected: tuple[str, ...] = ()  # --scenario patterns, if any
     results: dict[int, ScenarioResult] = field(default_factory=dict)
 
 
 def prepare(matrix_file: Path, jobs: int, shard_spec: str | None, artifacts_default: Path | None,
-            run_dir: Path | None, host: Host | None = None) -> tuple[MatrixRun, list[str], dict]:
+            run_dir: Path | None, host: Host | None = None,
+            select: tuple[str, ...] = ()) -> tuple[MatrixRun, list[str], dict]:
     """Load, shard and check everything that can be checked before a QEMU starts.
 
     Returns the run, notes, and the loaded artifacts per directory. MatrixError/InputError: exit 2."""
@@ -803,7 +855,8 @@ def prepare(matrix_file: Path, jobs: int, shard_spec: str | None, artifacts_defa
         raise InputError(f"--jobs {jobs}: must be at least 1")
     matrix = load_matrix(matrix_file)
     spec = parse_shard(shard_spec) if shard_spec else None
-    chosen = shard(matrix.scenarios, *spec) if spec else list(matrix.scenarios)
+    chosen = select_scenarios(matrix, select)
+    chosen = shard(chosen, *spec) if spec else chosen
     run_dir = Path(run_dir or default_run_dir()).resolve()
     host = host or probe_host(run_dir)
     notes = check_fits_host(chosen, jobs, host)
@@ -839,7 +892,7 @@ def prepare(matrix_file: Path, jobs: int, shard_spec: str | None, artifacts_defa
         except InputError as exc:
             raise MatrixError(f"scenario '{s.name}' ({s.origin}): {exc}") from None
     run = MatrixRun(matrix=matrix, scenarios=chosen, run_dir=run_dir, jobs=jobs, shard_spec=spec,
-                    artifacts_default=artifacts_default, host=host,
+                    artifacts_default=artifacts_default, host=host, selected=tuple(select),
                     command=" ".join(shlex.quote(a) for a in ["dirtylog", *sys.argv[1:]]))
     return run, notes, arts
 
@@ -924,4 +977,5 @@ def execute(run: MatrixRun, arts: dict, console=None, on_result=None, grace_s: f
 def report_dict(run: MatrixRun, started: str) -> dict:
     return build_report(run.matrix, [r.to_dict() for r in run.results.values()], shard_spec=run.shard_spec,
                         jobs=run.jobs, host=run.host.to_dict() if run.host else None, started=started,
-                        command=run.command, run_dir=run.run_dir)
+                        command=run.command, run_dir=run.run_dir,
+                        extra={"selected": list(run.selected)} if run.selected else None)

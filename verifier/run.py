@@ -21,7 +21,7 @@ from . import remote as _remote
 from .artifacts import GuestArtifacts
 from .errors import InputError, VerifyError
 from .qemu import MACHINES, MACHINES_BY_ARCH, probe_qemu
-from .report import RunReport, TrialResult
+from .report import RunReport, TrialResult, checks
 from .trial import HUGEPAGE_KB, READY_RE, LocalSites, run_trial  # noqa: F401 - READY_RE for benchmarks
 from .workload import SEED_WORKLOADS, Workload, check_fits
 
@@ -173,8 +173,8 @@ def verify(art: GuestArtifacts, opts: VerifyOptions, reporter: Reporter | None =
                 trial.known_findings = _findings.match(trial, _findings.Context(
                     machine=machine.name, accel=opts.accel, qemu_version=report.qemu["version"],
                     machine_opts=opts.machine_opts, smp=opts.smp))
-            reporter.step(f"trial {index}: {trial.verdict.upper()}" + (
-                f" ({trial.compare['diff_count']} differing pages)" if trial.verdict == "fail" else ""))
+            reporter.step(f"trial {index}: {trial.verdict.upper()}  "
+                          + "; ".join(c["text"] for c in checks(trial).values()))
     except KeyboardInterrupt as exc:
         report.interrupted = True
         exc.report = report  # so the caller can still write what was done
