@@ -26,6 +26,31 @@ def artifacts(tmp_path_factory) -> Path:
     return out
 
 
+LOST_PAGES_72 = "qemu72-tcg-lost-dirty-pages"
+
+
+def pass_or_known_72_loss(res, report: dict) -> str:
+    """The verdict of a run on Debian's QEMU 7.2, whose TCG loses dirty pages now and then in
+    multi-pass migrations (README, Known results): PASS, or FAIL for exactly that known finding
+    with the CPU state identical, and the guest running after resume unless kernel pages
+    (not-dirtyram) were lost. Any other outcome fails the test. Returns "pass" or "fail"."""
+    out = res.stdout + res.stderr
+    if res.returncode == 0:
+        assert report["verdict"] == "pass", out
+        return "pass"
+    assert res.returncode == 1, out
+    assert report["qemu"]["version"].split(".")[0] == "7", f"FAIL on QEMU {report['qemu']['version']}: {out}"
+    for t in report["trials"]:
+        if t["verdict"] == "fail":
+            assert [f["id"] for f in t["known_findings"]] == [LOST_PAGES_72], t.get("known_findings")
+            assert t["checks"]["cpu_state"]["ok"] is not False, t["checks"]
+            kernel_lost = "not-dirtyram" in (t.get("compare") or {}).get("diagnosis_counts", {})
+            assert t["checks"]["liveness"]["ok"] is True or kernel_lost, t["checks"]
+        else:
+            assert t["verdict"] == "pass", t
+    return "fail"
+
+
 def sigint_default() -> None:
     """preexec_fn for a child the test will Ctrl-C: a pytest started in the background by a
     shell without job control inherits SIGINT ignored, and Python then never raises

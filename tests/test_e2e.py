@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DIRTYLOG, qemu_processes_under, run_dirtylog, sigint_default
+from conftest import DIRTYLOG, pass_or_known_72_loss, qemu_processes_under, run_dirtylog, sigint_default
 
 pytestmark = pytest.mark.e2e
 
@@ -290,7 +290,7 @@ def test_huge_pages_on_both_layers_are_reported_as_read_back(artifacts, tmp_path
     res = run_dirtylog("verify", "--artifacts", artifacts, "--machine", "virt", "--smp", "1", "--min-passes", "1",
                        "--host-backing", "memfd-hugetlb", "--guest-pages", "hugetlb",
                        "--workload", "1024:512:50", "--workload", "16:16:10", "--run-dir", run_dir)
-    assert res.returncode in (0, 1), res.stdout + res.stderr
+    pass_or_known_72_loss(res, _report(run_dir))
     pages = _report(run_dir)["trials"][0]["page_sizes"]
     assert pages["host"]["src"]["kernel_page_size_kb"] == 2048
     assert pages["guest"]["hugepages_reserved"] == pages["guest"]["hugepages_requested"] == 3
@@ -315,16 +315,15 @@ def _timeline(run_dir: Path) -> list[dict]:
 ])
 def test_migration_modes_really_run_and_get_a_verdict(artifacts, tmp_path, mode, args, proof):
     """Each mode is set on both QEMUs (the QMP log shows it) and the migration completes with a
-    verdict. Debian's QEMU 7.2 may lose dirty pages in any multi-pass mode, so FAIL is allowed
-    here; the verdicts themselves are pinned by the QEMU 10 tests."""
+    verdict. Debian's QEMU 7.2 may lose dirty pages in any multi-pass mode, so a FAIL of that known
+    finding (and only that) is allowed here; the PASS verdicts are pinned by the QEMU 10 tests."""
     run_dir = tmp_path / "run"
     # postcopy switches during the first pass, while there is still much to send
     passes = "1" if mode == "postcopy" else "2"
     res = run_dirtylog("verify", "--artifacts", artifacts, "--machine", "virt", "--smp", "1",
                        "--min-passes", passes, *args, "--run-dir", run_dir)
-    assert res.returncode in (0, 1), res.stdout + res.stderr
     report = _report(run_dir)
-    assert report["trials"][0]["verdict"] in ("pass", "fail")
+    pass_or_known_72_loss(res, report)
     qmp = (run_dir / "trial-01" / "qmp-dst.log").read_text()
     cap = "postcopy-ram" if mode == "postcopy" else mode
     assert f'"capability": "{cap}", "state": true' in qmp

@@ -32,7 +32,7 @@ from verifier.savedirtylog import (
 )
 from verifier.workload import SEED_WORKLOADS, kernel_cmdline_arg
 
-from conftest import qemu_processes_under, run_dirtylog
+from conftest import pass_or_known_72_loss, qemu_processes_under, run_dirtylog
 
 MEM_MB = 256
 SIZE = MEM_MB << 20
@@ -278,8 +278,8 @@ def test_migration_modes_pass_on_the_patched_qemu(patched_qemu, artifacts, tmp_p
     res = run_dirtylog("verify", "--artifacts", artifacts, "--qemu", patched_qemu.qemu_system_arm,
                        "--machine", "virt", "--smp", "1", "--min-passes", "1" if mode == "postcopy" else "3",
                        *args, "--run-dir", run_dir)
-    if not patched_qemu.version.startswith("10."):
-        assert res.returncode in (0, 1), res.stderr  # 7.2 loses dirty pages: its verdict is not pinned
+    if not patched_qemu.version.startswith("10."):  # 7.2 loses dirty pages: PASS or that known finding
+        pass_or_known_72_loss(res, json.loads((run_dir / "report.json").read_text()))
         return
     assert res.returncode == 0, res.stdout + res.stderr
     report = json.loads((run_dir / "report.json").read_text())
