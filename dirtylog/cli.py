@@ -17,7 +17,7 @@ import click
 from builder.errors import BuildError
 from verifier.errors import VerifyError
 
-EXIT_PASS, EXIT_DIFFERENCES, EXIT_USAGE, EXIT_INFRA, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_PASS, EXIT_DIFFERENCES, EXIT_USAGE, EXIT_INFRA, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kKmMgGtT]i?)?[bB]?(?:/s)?")
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
@@ -108,7 +108,25 @@ def main(argv=None) -> None:
         _fail(str(exc), exc.exit_code)
     except OSError as exc:
         _fail(f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""), EXIT_INFRA)
+    except Exception as exc:  # a bug of dirtylog's own: the traceback is for the report
+        internal_error(exc)
     sys.exit(EXIT_PASS)
+
+
+def internal_error(exc: BaseException) -> None:
+    """Exit 4: the traceback, then one line saying it is dirtylog's bug and what to send."""
+    import traceback
+    traceback.print_exception(exc)
+    _fail(f"internal error: {type(exc).__name__}: {exc} (a bug in dirtylog {_version()}; please report it "
+          f"with the traceback above and the run directory)", EXIT_INTERNAL)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("dirtylog")
+    except PackageNotFoundError:
+        return "(not installed)"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

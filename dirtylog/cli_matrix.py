@@ -228,4 +228,7 @@ if __name__ == "__main__":  # pragma: no cover
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code if exc.exit_code else 2)
+    except Exception as exc:
+        from dirtylog.cli import internal_error
+        internal_error(exc)
     sys.exit(0)

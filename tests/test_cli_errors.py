@@ -4,12 +4,14 @@ nothing half-written. These run the real CLI; only the guest-booting ones need a
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import qemu_processes_under, run_dirtylog
+from conftest import REPO, qemu_processes_under, run_dirtylog
 
 
 def _one_line_error(res, code):
@@ -175,3 +177,22 @@ def test_what_this_qemu_lacks_is_refused_before_the_guest_boots(artifacts, tmp_p
     assert expect in _one_line_error(res, 2)
     assert time.monotonic() - t0 < 5  # no boot, no migration
     assert "DIRTYLOG-READY" not in (tmp_path / "run" / "trial-01" / "serial-src.log").read_text()
+
+
+def test_a_bug_in_dirtylog_is_exit_4_with_its_traceback(tmp_path):
+    """Simulated bug (no real one to trigger on purpose): the comparator raises an unexpected
+    exception. The CLI prints the traceback and one line naming it a dirtylog bug, exit 4."""
+    a, b = tmp_path / "a.img", tmp_path / "b.img"
+    a.write_bytes(bytes(8192))
+    b.write_bytes(bytes(8192))
+    code = ("import sys, verifier.compare as c\n"
+            "def boom(*a, **k): raise ZeroDivisionError('simulated bug')\n"
+            "c.compare_images = boom\n"
+            "from dirtylog.cli import main\n"
+            f"main(['compare', {str(a)!r}, {str(b)!r}])\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert res.returncode == 4, res.stderr
+    assert "Traceback (most recent call last)" in res.stderr and "ZeroDivisionError: simulated bug" in res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("dirtylog: error: internal error: ZeroDivisionError: simulated bug (a bug in dirtylog ")
+    assert "please report it" in last

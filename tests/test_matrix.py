@@ -205,6 +205,8 @@ def test_exit_code_precedence():
     assert matrix_exit_code(["fail", "error"]) == 3
     assert matrix_exit_code(["fail", "error", "interrupted"]) == 130
     assert matrix_exit_code(["pass", "not-run"]) == 130
+    assert matrix_exit_code(["fail", "error", "error"], [1, 3, 4]) == 4  # a dirtylog bug outranks QEMU's
+    assert matrix_exit_code(["error", "interrupted"], [4, 130]) == 130
 
 
 # -- real matrix runs -------------------------------------------------------------------------

@@ -583,10 +583,13 @@ STATUS_EXIT = {"pass": 0, "fail": 1, "expected-fail": 0, "unexpected-pass": 1, "
                "interrupted": 130, "not-run": 130}
 
 
-def matrix_exit_code(statuses: list[str]) -> int:
-    """130 if interrupted, else 3 if any infrastructure error, else 1 if any failure, else 0."""
+def matrix_exit_code(statuses: list[str], exit_codes: list[int | None] = ()) -> int:
+    """130 if interrupted, else 4 if a scenario hit a bug of dirtylog (its exit code 4), else 3 if
+    any infrastructure error, else 1 if any failure, else 0."""
     if any(s in ("interrupted", "not-run") for s in statuses):
         return 130
+    if 4 in exit_codes:
+        return 4
     if any(s == "error" for s in statuses) or not statuses:
         return 3
     if any(s in ("fail", "unexpected-pass") for s in statuses):
@@ -595,7 +598,7 @@ def matrix_exit_code(statuses: list[str]) -> int:
 
 
 def matrix_verdict(code: int) -> str:
-    return {0: "pass", 1: "fail", 3: "error", 130: "interrupted"}[code]
+    return {0: "pass", 1: "fail", 3: "error", 4: "error", 130: "interrupted"}[code]
 
 
 def summarize(scenarios: list[dict]) -> dict:
@@ -620,7 +623,7 @@ def summarize(scenarios: list[dict]) -> dict:
 def build_report(matrix: Matrix | dict, results: list[dict], *, shard_spec, jobs, host, started,
                  command, run_dir, extra: dict | None = None) -> dict:
     results = sorted(results, key=lambda r: r["index"])
-    code = matrix_exit_code([r["status"] for r in results])
+    code = matrix_exit_code([r["status"] for r in results], [r.get("exit_code") for r in results])
     if isinstance(matrix, Matrix):
         mdesc = {"file": str(matrix.path), "sha256": matrix.sha256,
                  "scenario_names": [s.name for s in matrix.scenarios]}
@@ -774,8 +777,9 @@ def run_scenario(s: Scenario, art, run_dir: Path, console, cancel: threading.Eve
     except VerifyError as exc:
         res.status, res.error, res.exit_code = "error", str(exc), exc.exit_code
     except Exception as exc:  # noqa: BLE001 - one scenario's bug must not lose the others' results
-        res.status, res.exit_code = "error", 3
-        res.error = f"internal error: {type(exc).__name__}: {exc}"
+        res.status, res.exit_code = "error", 4
+        res.error = (f"internal error: {type(exc).__name__}: {exc} (a bug in dirtylog; please report it with "
+                     f"{run_dir / 'traceback.txt'})")
         (run_dir / "traceback.txt").parent.mkdir(parents=True, exist_ok=True)
         (run_dir / "traceback.txt").write_text(traceback.format_exc())
     res.wall_s = round(time.monotonic() - t0, 3)
@@ -918,8 +922,8 @@ def execute(run: MatrixRun, arts: dict, console=None, on_result=None, grace_s: f
         try:
             res = run_scenario(s, arts[s.params["artifacts"]], run.run_dir / s.slug, console, cancel)
         except BaseException as exc:  # noqa: BLE001
-            res = ScenarioResult(scenario=s, run_dir=run.run_dir / s.slug, status="error", exit_code=3,
-                                 error=f"internal error: {type(exc).__name__}: {exc}")
+            res = ScenarioResult(scenario=s, run_dir=run.run_dir / s.slug, status="error", exit_code=4,
+                                 error=f"internal error: {type(exc).__name__}: {exc} (a bug in dirtylog)")
         with lock:
             run.results[s.index] = res
             busy["cores"] -= s.sched_cores
@@ -970,7 +974,7 @@ def execute(run: MatrixRun, arts: dict, console=None, on_result=None, grace_s: f
             run.results[s.index] = ScenarioResult(scenario=s, status="not-run" if interrupted else "error",
                                                   error="not run: the matrix was interrupted" if interrupted
                                                   else "not run")
-    code = matrix_exit_code([r.status for r in run.results.values()])
+    code = matrix_exit_code([r.status for r in run.results.values()], [r.exit_code for r in run.results.values()])
     return 130 if interrupted else code
 
 

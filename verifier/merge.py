@@ -105,5 +105,5 @@ def merge(inputs: list[Path]) -> dict:
 
 
 def merged_exit_code(report: dict) -> int:
-    code = matrix_exit_code([s["status"] for s in report["scenarios"]])
+    code = matrix_exit_code([s["status"] for s in report["scenarios"]], [s.get("exit_code") for s in report["scenarios"]])
     return 3 if report.get("missing") and code in (0, 1) else code
