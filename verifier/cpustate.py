@@ -4,7 +4,12 @@ QEMU is started with `verifier.qemu.gdb_args("gdb-src.sock")` (a unix socket in 
 migration, with both VMs stopped (source `postmigrate`, destination `paused`), `GdbStub` reads
 every register the stub describes in its target description, for every vCPU, and `compare()`
 says which registers differ between source and destination, minus an allowlist of registers
-known to differ on a clean migration (`cpustate_allowlist.json`).
+known to differ on a clean migration (`cpustate_allowlist.json`: {arch: {register or fnmatch
+pattern: reason}}). The lists are empty because nothing needs them yet: with both VMs stopped, no
+register differed on clean migrations of vexpress-a15 (448 registers, 2 vCPUs), virt (390),
+virt-aarch64 (228) and q35 (66), measured on QEMU 7.2 and 10.0 under TCG by dirtylog verify. A
+register that legitimately differs (a counter QEMU recomputes, say) goes there with its reason,
+never silently dropped; what it allows is still listed in the report's "allowed".
 
 The client speaks the GDB Remote Serial Protocol itself (framing, acks, escapes, run-length
 decoding) so that reading ~300 registers x N vCPUs costs milliseconds and needs no gdb.
