@@ -7,10 +7,10 @@ says which registers differ between source and destination, minus an allowlist o
 known to differ on a clean migration (`cpustate_allowlist.json`: {arch: {register or fnmatch
 pattern: reason}}). The lists are empty because nothing needs them yet: with both VMs stopped, no
 register differed on clean migrations of vexpress-a15 (448 registers, 2 vCPUs), virt (390),
-virt-aarch64 (228) and q35 (66) under TCG by dirtylog verify (armv7 on QEMU 7.2 and 10.0, the others
-on Debian's 7.2). A
-register that legitimately differs (a counter QEMU recomputes, say) goes there with its reason,
-never silently dropped; what it allows is still listed in the report's "allowed".
+virt-aarch64 (228) and q35 (66) under TCG by dirtylog verify (armv7 on QEMU 7.2 and 10.0, the
+others on Debian's 7.2). A register that legitimately differs (a counter QEMU recomputes, say)
+goes there with its reason, never silently dropped; what it allows is still listed in the
+report's "allowed".
 
 The client speaks the GDB Remote Serial Protocol itself (framing, acks, escapes, run-length
 decoding) so that reading ~300 registers x N vCPUs costs milliseconds and needs no gdb.
