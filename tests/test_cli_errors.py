@@ -140,6 +140,27 @@ def test_qemu_that_dies_at_start_is_an_infrastructure_failure_with_its_output(ar
 
 
 @pytest.mark.e2e
+def test_qemu_without_gdbstub_is_exit_3_naming_no_cpu_state(artifacts, tmp_path):
+    """Simulated (no gdbstub-less QEMU is packaged here): the real qemu-system-arm, except that it
+    refuses -gdb as a QEMU built without gdbstub support would. One line, exit 3, no QEMU left;
+    --no-cpu-state then runs the verification without the check."""
+    real = shutil.which("qemu-system-arm")
+    wrapper = tmp_path / "qemu-no-gdbstub"
+    wrapper.write_text("#!/bin/sh\nfor a in \"$@\"; do [ \"$a\" = -gdb ] && "
+                       "{ echo 'qemu-system-arm: -gdb unix:x: gdbstub support is disabled' >&2; exit 1; }; done\n"
+                       f'exec {real} "$@"\n')
+    wrapper.chmod(0o755)
+    common = ["verify", "--artifacts", artifacts, "--qemu", wrapper, "--machine", "virt", "--smp", "1",
+              "--min-passes", "1", "--workload", "64:64:20"]
+    last = _one_line_error(run_dirtylog(*common, "--run-dir", tmp_path / "run"), 3)
+    assert "gdbstub support is disabled" in last and "--no-cpu-state skips it" in last
+    assert qemu_processes_under(tmp_path) == []
+    res = run_dirtylog(*common, "--no-cpu-state", "--run-dir", tmp_path / "run2")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "CPU state not compared (--no-cpu-state)" in res.stdout
+
+
+@pytest.mark.e2e
 def test_offline_build_with_an_empty_cache_names_what_is_missing(tmp_path):
     env = dict(os.environ, DIRTYLOG_CACHE=str(tmp_path / "empty-cache"))
     res = run_dirtylog("build", "--offline", "--out", tmp_path / "out", env=env)

@@ -326,8 +326,10 @@ class QemuProcess:
                 pass
         status = self._status()
         tail = self.output_tail()
+        hint = ("; the CPU-state check needs QEMU's gdbstub (-gdb): --no-cpu-state skips it"
+                if self.gdb and "gdb" in tail.lower() else "")
         raise QemuError(f"{self.name} QEMU{self._where()}: {what}; process {status}"
-                        + (f"; it said: {tail}" if tail else "")
+                        + (f"; it said: {tail}" if tail else "") + hint
                         + f"; command line in {self.workdir / ('cmdline-' + self.name + '.txt')}")
 
     def close(self, timeout: float = 10.0) -> None:
