@@ -71,32 +71,42 @@ def test_single_pass_migration_passes_and_keeps_its_evidence(artifacts, tmp_path
 
 def test_multithreaded_tcg_with_limited_bandwidth_is_reported_as_stale_pages(artifacts, tmp_path):
     """QEMU 7.2 MTTCG loses dirty bits (15 of 16 runs measured, 4 of 4 here with 6 forced
-    passes): three trials all passing would be a rare event, so this pins the FAIL verdict and
-    the listing of the lost pages as stale dirtyram generations."""
-    run_dir = tmp_path / "run"
-    res = run_dirtylog("verify", "--artifacts", artifacts, "--machine", "virt", "--smp", "2",
-                       "--max-bandwidth", "50M", "--min-passes", "6", "--trials", "3", "--run-dir", run_dir)
-    report = _report(run_dir)
-    if report["qemu"]["version"].split(".")[0] != "7":
-        pytest.skip(f"the lost-dirty-page bug is pinned for Debian's QEMU 7.2, not {report['qemu']['version']}")
-    assert res.returncode == 1, res.stdout + res.stderr
-    assert report["verdict"] == "fail"
-    failed = [t for t in report["trials"] if t["verdict"] == "fail"]
-    assert failed
-    all_kinds = set()
-    for t in failed:
-        assert t["compare"]["diff_count"] > 0
-        assert t["differences"], "every differing page must be listed"
-        kinds = {d["diagnosis"] for d in t["differences"]}
-        assert "impossible" not in kinds
-        all_kinds |= kinds
-        for d in t["differences"]:
-            assert int(d["start"], 16) >= 0x40000000
-        stale = [d for d in t["differences"] if d["diagnosis"] == "stale"]
-        assert all(d["lag_min"] >= 1 and d["instance_id"] in (1, 2, 3) for d in stale), stale
-    # A trial may lose only kernel pages (seen once in CI); across three, dirtyram pages go stale.
+    passes): this pins the FAIL verdict and the listing of the lost pages as stale dirtyram
+    generations. The loss is random: one CI run of 3 trials lost a single kernel page and nothing
+    else (2026-12-04), so up to three runs of 3 trials are made until dirtyram pages go stale;
+    every failure of every run must be listed and diagnosed correctly."""
+    all_kinds: set = set()
+    outputs = ""
+    for attempt in range(1, 4):
+        run_dir = tmp_path / f"run{attempt}"
+        res = run_dirtylog("verify", "--artifacts", artifacts, "--machine", "virt", "--smp", "2",
+                           "--max-bandwidth", "50M", "--min-passes", "6", "--trials", "3", "--run-dir", run_dir)
+        report = _report(run_dir)
+        if report["qemu"]["version"].split(".")[0] != "7":
+            pytest.skip(f"the lost-dirty-page bug is pinned for Debian's QEMU 7.2, not {report['qemu']['version']}")
+        outputs += res.stdout
+        if res.returncode == 0:
+            assert report["verdict"] == "pass"
+            continue
+        assert res.returncode == 1, res.stdout + res.stderr
+        assert report["verdict"] == "fail"
+        failed = [t for t in report["trials"] if t["verdict"] == "fail"]
+        assert failed
+        for t in failed:
+            assert t["compare"]["diff_count"] > 0
+            assert t["differences"], "every differing page must be listed"
+            assert [f["id"] for f in t["known_findings"]] == ["qemu72-tcg-lost-dirty-pages"]
+            kinds = {d["diagnosis"] for d in t["differences"]}
+            assert "impossible" not in kinds
+            all_kinds |= kinds
+            for d in t["differences"]:
+                assert int(d["start"], 16) >= 0x40000000
+            stale = [d for d in t["differences"] if d["diagnosis"] == "stale"]
+            assert all(d["lag_min"] >= 1 and d["instance_id"] in (1, 2, 3) for d in stale), stale
+        if "stale" in all_kinds:
+            break
     assert "stale" in all_kinds, all_kinds
-    assert "stale" in res.stdout
+    assert "stale" in outputs
 
 
 def test_vexpress_destination_that_does_not_run_after_migration_is_a_fail(artifacts, tmp_path):
