@@ -58,9 +58,8 @@ def _write_outputs(report: dict, out_dir: Path | None, json_path, junit_path, ht
 
 def summary_lines(report: dict) -> list[str]:
     s = report["summary"]
-    expected = "".join(f"{s[k]} {label}, " for k, label in (("expected_failures", "failed as expected"),
-                                                            ("unexpected_passes", "passed unexpectedly"))
-                       if s.get(k))
+    from verifier.expect import summary_words
+    expected = summary_words(s)
     lines = [f"dirtylog matrix: {report['verdict'].upper()}  ({s['passed']} passed, {s['failed']} failed, "
              f"{expected}{s['errors']} errors, {s['interrupted'] + s['not_run']} interrupted/not run of {s['scenarios']} "
              f"scenarios)"]

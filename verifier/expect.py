@@ -21,6 +21,13 @@ EXPECTED_FAIL = "expected-fail"
 UNEXPECTED_PASS = "unexpected-pass"
 
 
+def summary_words(summary: dict) -> str:
+    """"N failed as expected, M passed unexpectedly, " for a matrix summary (empty when none)."""
+    return "".join(f"{summary[k]} {label}, " for k, label in (("expected_failures", "failed as expected"),
+                                                              ("unexpected_passes", "passed unexpectedly"))
+                   if summary.get(k))
+
+
 def expects_failure(params: dict) -> bool:
     return (params or {}).get("expect") == "fail"
 

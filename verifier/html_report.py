@@ -15,6 +15,7 @@ import io
 import json
 from pathlib import Path
 
+from .expect import summary_words
 from .fsutil import atomic_write
 
 PAGE = 4096
@@ -229,8 +230,7 @@ def render(matrix_report: dict, title: str = "dirtylog matrix report") -> str:
            f"<h1>{_e(title)}: {_status(r.get('verdict', '?'))}</h1>",
            "<table>",
            f"<tr><th>scenarios</th><td>{s.get('scenarios')} ({s.get('passed')} passed, {s.get('failed')} failed, "
-           + "".join(f"{s[k]} {label}, " for k, label in (("expected_failures", "failed as expected"),
-                                                           ("unexpected_passes", "passed unexpectedly")) if s.get(k))
+           + summary_words(s)
            + f"{s.get('errors')} errors, {s.get('interrupted')} interrupted, {s.get('not_run')} not run)</td></tr>",
            f"<tr><th>trials</th><td>{_e(_words(s.get('trials')))}</td></tr>",
            f"<tr><th>matrix</th><td><code>{_e(m.get('file'))}</code> sha256 <code>{_e(m.get('sha256'))}</code></td></tr>",
