@@ -85,7 +85,7 @@ def _trim_rootfs(rootfs: Path) -> None:
 def ensure_base_image(name: str = DEFAULT_NAME, suite: str = DEFAULT_SUITE, mirror: str | None = None,
                       log=lambda msg: None, *, client=None, force: bool = False) -> str:
     """Id of the image `name`; made with debootstrap + import when the engine does not have it."""
-    from builder.runtime import docker_client  # the one place that maps engine errors
+    from builder.engine import docker_client  # the one place that maps engine errors
     client = client or docker_client()
     image = None if force else find_image(client, name)
     if image is not None:

@@ -1,23 +1,22 @@
 """`dirtylog`: build guest artifacts, verify dirty page logging across a live migration, compare.
 
-Exit codes: 0 pass, 1 verification found differences, 2 usage or input error,
-3 infrastructure failure (QEMU crashed, migration failed, download failed), 130 interrupted.
+Exit codes (dirtylog/console.py): 0 pass, 1 verification found differences, 2 usage or input error,
+3 infrastructure failure (QEMU crashed, migration failed, download failed), 4 internal error,
+130 interrupted.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import signal
 import sys
 from pathlib import Path
 
 import click
 
-from builder.errors import BuildError
-from verifier.errors import VerifyError
+from dirtylog.cli_matrix import register as _register_matrix_commands
 
-EXIT_PASS, EXIT_DIFFERENCES, EXIT_USAGE, EXIT_INFRA, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+from dirtylog.console import EXIT_DIFFERENCES, EXIT_INFRA, EXIT_PASS, Console, fail as _fail, run_main
 
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kKmMgGtT]i?)?[bB]?(?:/s)?")
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
@@ -53,80 +52,6 @@ class WorkloadSpec(click.ParamType):
             return parse_workload(value)
         except InputError as exc:
             self.fail(str(exc), param, ctx)
-
-
-class Console:
-    """Progress lines on stderr: plain in CI logs, nothing with --quiet."""
-
-    def __init__(self, quiet: bool = False, verbose: bool = False):
-        self.quiet = quiet
-        self.verbose = verbose
-        self._last_sync = None
-
-    def step(self, msg: str) -> None:
-        if not self.quiet:
-            click.echo(f"dirtylog: {msg}", err=True)
-
-    def detail(self, msg: str) -> None:
-        if self.verbose and not self.quiet:
-            click.echo(f"dirtylog: {msg}", err=True)
-
-    def migration(self, info: dict) -> None:
-        ram = info.get("ram") or {}
-        sync = ram.get("dirty-sync-count")
-        if self.quiet or sync == self._last_sync:
-            return
-        self._last_sync = sync
-        click.echo(f"dirtylog:   {info.get('status')}: dirty sync {sync}, "
-                   f"{ram.get('remaining', 0) / 1e6:.1f} MB remaining, "
-                   f"{ram.get('transferred', 0) / 1e6:.1f} MB sent, "
-                   f"dirty rate {ram.get('dirty-pages-rate', 0)} pages/s", err=True)
-
-
-def _fail(message: str, code: int) -> None:
-    click.echo(f"dirtylog: error: {message}", err=True)
-    sys.exit(code)
-
-
-def _sigterm(signum, frame):
-    raise KeyboardInterrupt
-
-
-def main(argv=None) -> None:
-    """Entry point: the only place where exceptions become exit codes."""
-    signal.signal(signal.SIGTERM, _sigterm)
-    try:
-        cli.main(args=argv, prog_name="dirtylog", standalone_mode=False)
-    except click.exceptions.Abort:
-        _fail("interrupted", EXIT_INTERRUPTED)
-    except KeyboardInterrupt:
-        _fail("interrupted; every QEMU was stopped", EXIT_INTERRUPTED)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code if exc.exit_code else EXIT_USAGE)
-    except (BuildError, VerifyError) as exc:
-        _fail(str(exc), exc.exit_code)
-    except OSError as exc:
-        _fail(f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""), EXIT_INFRA)
-    except Exception as exc:  # a bug of dirtylog's own: the traceback is for the report
-        internal_error(exc)
-    sys.exit(EXIT_PASS)
-
-
-def internal_error(exc: BaseException) -> None:
-    """Exit 4: the traceback, then one line saying it is dirtylog's bug and what to send."""
-    import traceback
-    traceback.print_exception(exc)
-    _fail(f"internal error: {type(exc).__name__}: {exc} (a bug in dirtylog {_version()}; please report it "
-          f"with the traceback above and the run directory)", EXIT_INTERNAL)
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        return version("dirtylog")
-    except PackageNotFoundError:
-        return "(not installed)"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -523,9 +448,12 @@ def compare(console, image_a, image_b, page_size, ram_base, json_path):
     sys.exit(EXIT_DIFFERENCES)
 
 
-from dirtylog.cli_matrix import register as _register_matrix_commands  # noqa: E402
-
 _register_matrix_commands(cli)
+
+
+def main(argv=None) -> None:
+    """Entry point: the only place where exceptions become exit codes."""
+    run_main(cli, argv)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

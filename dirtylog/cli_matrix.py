@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from dirtylog.console import Console, run_main
 from verifier.errors import InputError, VerifyError
 
 REPORT_JSON = "matrix-report.json"
@@ -86,8 +87,9 @@ def run_matrix(matrix_file, jobs=1, shard=None, artifacts_default=None, run_dir=
                junit_path=None, html_path=None, console=None, select=()) -> int:
     """Run (a shard of) a matrix; write matrix-report.json and junit.xml into the run directory,
     and --json/--junit/--html where asked. Returns the exit code (see the module doc)."""
-    from verifier.matrix import execute, prepare, report_dict, _now
-    started = _now()
+    from verifier.matrix import execute, prepare, report_dict
+    from verifier.report import now_utc
+    started = now_utc()
     for opt, p in (("--json", json_path), ("--junit", junit_path), ("--html", html_path)):
         if p is not None and not Path(p).resolve().parent.is_dir():
             _error(f"{opt}: directory of {p} does not exist")
@@ -189,7 +191,6 @@ def register(cli_group: click.Group) -> None:
 @click.pass_context
 def _standalone(ctx, quiet):
     """Matrices without the main CLI: `run`, `doctor`, `report merge`."""
-    from dirtylog.cli import Console
     ctx.obj = Console(quiet=quiet)
 
 
@@ -213,21 +214,4 @@ def _run_cmd(console, matrix_file, artifacts, jobs, shard, run_dir, json_path, j
 register(_standalone)
 
 if __name__ == "__main__":  # pragma: no cover
-    import signal
-
-    def _sigterm(signum, frame):
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, _sigterm)
-    try:
-        _standalone.main(prog_name="dirtylog", standalone_mode=False)
-    except click.exceptions.Abort:
-        sys.exit(130)
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code if exc.exit_code else 2)
-    except Exception as exc:
-        from dirtylog.cli import internal_error
-        internal_error(exc)
-    sys.exit(0)
+    run_main(_standalone)

@@ -24,7 +24,7 @@ from verifier.compare import compare_images
 from verifier.errors import CaptureError, InputError, VerifyError
 from verifier.migration import MigrationPolicy, run_migration, start_incoming
 from verifier.qemu import MACHINES, GuestConfig, QemuProcess, machine_args, probe_qemu
-from verifier.run import READY_RE
+from verifier.trial import READY_RE
 from verifier.savedirtylog import (
     savedirtylog_args,
     supports_savedirtylog,

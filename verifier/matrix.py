@@ -31,7 +31,6 @@ is refused before anything starts.
 
 from __future__ import annotations
 
-import datetime as _dt
 import hashlib
 import itertools
 import json
@@ -50,6 +49,7 @@ from pathlib import Path
 from . import expect
 from .errors import InputError, VerifyError
 from .fsutil import atomic_write
+from .report import now_utc
 
 MATRIX_SCHEMA = "dirtylog-matrix/1"
 QEMU_OVERHEAD_MIB = 200  # host memory per QEMU besides guest RAM
@@ -641,7 +641,7 @@ def build_report(matrix: Matrix | dict, results: list[dict], *, shard_spec, jobs
         "command": command,
         "run_dir": str(run_dir) if run_dir else None,
         "started": started,
-        "finished": _now(),
+        "finished": now_utc(),
         "scenarios": results,
     }
     if extra:
@@ -651,10 +651,6 @@ def build_report(matrix: Matrix | dict, results: list[dict], *, shard_spec, jobs
 
 def write_json(data: dict, path: Path) -> None:
     atomic_write(path, json.dumps(data, indent=2, default=str) + "\n")
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 # -- running ----------------------------------------------------------------------------------
@@ -854,7 +850,7 @@ def prepare(matrix_file: Path, jobs: int, shard_spec: str | None, artifacts_defa
     from . import capture as _capture
     from .artifacts import load_artifacts
     from .qemu import MACHINES, probe_qemu
-    from .run import _check_host_backing, default_run_dir
+    from .run import check_host_backing, default_run_dir
     if jobs < 1:
         raise InputError(f"--jobs {jobs}: must be at least 1")
     matrix = load_matrix(matrix_file)
@@ -892,7 +888,7 @@ def prepare(matrix_file: Path, jobs: int, shard_spec: str | None, artifacts_defa
             capture = _capture.choose(opts.capture, qemus[binary], host_backing=opts.host_backing)
             opts.host_backing = "file" if capture == "backing-file" else (
                 "anon" if opts.host_backing == "auto" else opts.host_backing)
-            _check_host_backing(opts)  # huge pages the host cannot give
+            check_host_backing(opts)  # huge pages the host cannot give
         except InputError as exc:
             raise MatrixError(f"scenario '{s.name}' ({s.origin}): {exc}") from None
     run = MatrixRun(matrix=matrix, scenarios=chosen, run_dir=run_dir, jobs=jobs, shard_spec=spec,

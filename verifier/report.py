@@ -126,7 +126,7 @@ class RunReport:
     def start(cls, run_dir, opts, art, qemu, machine, capture) -> "RunReport":
         options = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opts).items()}
         options["workloads"] = [w.spec for w in opts.workloads]
-        return cls(run_dir=run_dir, started=_now(), options=options,
+        return cls(run_dir=run_dir, started=now_utc(), options=options,
                    artifacts={"files": art.describe(), "notes": art.notes,
                               "manifest": art.manifest or None},
                    qemu={"path": qemu.path, "version": qemu.version_str, "version_text": qemu.version_text},
@@ -134,7 +134,7 @@ class RunReport:
                    command=" ".join(shlex.quote(a) for a in ["dirtylog", *sys.argv[1:]]))
 
     def finish(self) -> None:
-        self.finished = _now()
+        self.finished = now_utc()
 
     @property
     def verdict(self) -> str:
@@ -297,5 +297,5 @@ def _trial_line(t: TrialResult) -> str:
     return head
 
 
-def _now() -> str:
+def now_utc() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

@@ -22,7 +22,7 @@ from .artifacts import GuestArtifacts
 from .errors import InputError, VerifyError
 from .qemu import MACHINES, MACHINES_BY_ARCH, probe_qemu
 from .report import RunReport, TrialResult, checks
-from .trial import HUGEPAGE_KB, READY_RE, LocalSites, run_trial  # noqa: F401 - READY_RE for benchmarks
+from .trial import HUGEPAGE_KB, LocalSites, run_trial
 from .workload import SEED_WORKLOADS, Workload, check_fits
 
 
@@ -137,7 +137,7 @@ def verify(art: GuestArtifacts, opts: VerifyOptions, reporter: Reporter | None =
         capture = _capture.choose(opts.capture, qemu, postcopy=opts.postcopy, host_backing=opts.host_backing)
         opts.host_backing = "file" if capture == "backing-file" else (
             "anon" if opts.host_backing == "auto" else opts.host_backing)
-        _check_host_backing(opts)
+        check_host_backing(opts)
         sites = LocalSites(qemu, capture)
     if opts.inject and opts.inject[0] == "cpu-register" and not opts.cpu_state:
         raise InputError("--inject cpu-register plants a register difference for the CPU-state comparison: "
@@ -200,7 +200,7 @@ def _faithful_machine_opts(opts: VerifyOptions, machine) -> str:
     return SECURE_DEFAULT_NOTE
 
 
-def _check_host_backing(opts: VerifyOptions) -> None:
+def check_host_backing(opts: VerifyOptions) -> None:
     """Huge pages the host cannot give are a clear refusal, never a silent fallback."""
     if opts.host_backing == "memfd-hugetlb":
         info = dict(re.findall(r"^(\w+):\s+(\d+)", Path("/proc/meminfo").read_text(), re.M))
