@@ -18,26 +18,18 @@ from dirtylog.cli_matrix import register as _register_matrix_commands
 
 from dirtylog.console import EXIT_DIFFERENCES, EXIT_INFRA, EXIT_PASS, Console, fail as _fail, run_main
 
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kKmMgGtT]i?)?[bB]?(?:/s)?")
-_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
-          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
-
-
 class ByteRate(click.ParamType):
-    """50000000, 50M (10^6) or 48Mi (2^20): bytes per second."""
+    """Bytes per second by verifier.units' rule: 50000000, 50M (10^6) or 48Mi (2^20)."""
 
     name = "BYTES_PER_S"
 
     def convert(self, value, param, ctx):
-        if isinstance(value, int):
-            return value
-        m = _SIZE.fullmatch(str(value).strip())
-        if not m:
-            self.fail(f"{value!r} is not a byte rate (e.g. 50000000, 50M, 48Mi)", param, ctx)
-        n = int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
-        if n <= 0:
-            self.fail(f"{value!r} must be greater than 0", param, ctx)
-        return n
+        from verifier.errors import InputError
+        from verifier.units import parse_rate
+        try:
+            return parse_rate(value)
+        except InputError as exc:
+            self.fail(str(exc), param, ctx)
 
 
 class WorkloadSpec(click.ParamType):
@@ -260,7 +252,7 @@ def verify_options(f):
         click.option("--capability", "capabilities", multiple=True, metavar="NAME=on|off",
                      help="Migration capability on both sides, e.g. multifd=on, xbzrle=on, auto-converge=on."),
         click.option("--parameter", "parameters", multiple=True, metavar="NAME=VALUE",
-                     help="Migration parameter on the source, e.g. multifd-channels=4, xbzrle-cache-size=64M."),
+                     help="Migration parameter on the source, e.g. multifd-channels=4, xbzrle-cache-size=64Mi (sizes: 64M = 64*10^6, 64Mi = 64*2^20)."),
         click.option("--postcopy", is_flag=True,
                      help="Switch to postcopy after the forced passes (destination stays paused)."),
         click.option("--accel", type=click.Choice(["tcg", "kvm"]), default="tcg", show_default=True,
@@ -290,6 +282,8 @@ def verify_options(f):
 
 
 def _key_values(items, option: str, booleans: bool) -> dict:
+    from verifier.errors import InputError
+    from verifier.units import looks_like_size, parse_bytes
     out = {}
     for item in items:
         name, sep, value = item.partition("=")
@@ -301,8 +295,11 @@ def _key_values(items, option: str, booleans: bool) -> dict:
             out[name] = value in ("on", "true")
         elif re.fullmatch(r"\d+", value):
             out[name] = int(value)
-        elif re.fullmatch(r"\d+[kKmMgG]i?", value):
-            out[name] = ByteRate().convert(value, None, None) if value[-1] not in "Mm" else int(value[:-1]) * 2**20
+        elif looks_like_size(value):
+            try:
+                out[name] = parse_bytes(value)
+            except InputError as exc:
+                raise click.BadParameter(f"{item!r}: {exc}", param_hint=option) from None
         elif value in ("on", "off", "true", "false"):
             out[name] = value in ("on", "true")
         else:

@@ -46,7 +46,7 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import expect
+from . import expect, units
 from .errors import InputError, VerifyError
 from .fsutil import atomic_write
 from .report import now_utc
@@ -60,9 +60,6 @@ GUEST_PAGES = ("4k", "hugetlb", "thp")
 CAPTURES = ("auto", "backing-file", "pmemsave")
 TRANSPORTS = ("unix", "tcp")
 
-_RATE = re.compile(r"(\d+(?:\.\d+)?)\s*([kKmMgGtT]i?)?[bB]?(?:/s)?")
-_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
-          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
 
 
 class MatrixError(InputError):
@@ -122,21 +119,14 @@ def _seconds(v):
 
 
 def parse_rate(v) -> int | None:
-    """50000000, "50M" (10^6), "48Mi" (2^20) bytes/s; "auto" = dirtylog's throttle-then-release."""
+    """Bytes/s by verifier.units' rule (50000000, "50M" = 10^6, "48Mi" = 2^20); "auto" (None) is
+    dirtylog's throttle-then-release."""
     if v == "auto":
         return None
-    if isinstance(v, bool):
-        raise ValueError(f"expected bytes/s or \"auto\", got {v!r}")
-    if isinstance(v, int):
-        n = v
-    else:
-        m = _RATE.fullmatch(str(v).strip())
-        if not m:
-            raise ValueError(f"{v!r} is not a byte rate (e.g. 50000000, \"50M\", \"48Mi\", \"auto\")")
-        n = int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
-    if n <= 0:
-        raise ValueError(f"{v!r} must be greater than 0")
-    return n
+    try:
+        return units.parse_rate(v)
+    except InputError as exc:
+        raise ValueError(f"{exc} or \"auto\"" if "not a byte rate" in str(exc) else str(exc)) from None
 
 
 def _rate(v):
