@@ -23,6 +23,7 @@ from .cache import Cache, sha256_file
 from .dirtyram import build_dirtyram, compiler_version
 from .errors import BuildInputError
 from .initrd import DIRTYRAM_PATH, build_initrd
+from .machines import MACHINES
 from .lock import ARCH_LOCKS, DEFAULT_LOCK_PATH, fetch_pinned, load_lock, lock_path_for
 
 MANIFEST_SCHEMA = "dirtylog-artifacts/1"
@@ -40,11 +41,15 @@ class ArchBuild:
     kernel: str  # output name; also the kernel's member key in the lock
     dtb: str | None  # output name of the device tree; None: QEMU makes it (the lock's "dtb" member)
     workload: str  # output name of the dirtyram binary
-    machine: str  # guest.machine in the manifest
-    console: str
+    machine: str  # guest.machine in the manifest: a key of builder.machines.MACHINES
     min_mem_mb: int
     kernel_format: str
     initrd: str = "initrd.cpio-dirtyram.gz"
+
+    @property
+    def console(self) -> str:
+        """The guest's serial console, from the machine table."""
+        return MACHINES[self.machine].console
 
     @property
     def artifact_roles(self) -> dict[str, str]:
@@ -60,17 +65,17 @@ class ArchBuild:
 ARCH_BUILDS: dict[str, ArchBuild] = {
     # The 2014 guest: Debian's armmp-lpae kernel on a vexpress CoreTile A15x2.
     "armv7": ArchBuild("armv7", "arm-linux-gnueabihf-", kernel="zImage", dtb="guest_a15x2.dtb",
-                       workload="dirtyram.arm", machine="vexpress-a15", console="ttyAMA0",
+                       workload="dirtyram.arm", machine="vexpress-a15",
                        min_mem_mb=64,  # Debian's armmp-lpae kernel does not boot in 32 MiB
                        kernel_format="ARM zImage"),
     # Debian's signed arm64 vmlinuz is an uncompressed arm64 Image (magic "ARM\x64" at 0x38)
     # with an EFI/PE stub carrying the Secure Boot signature; QEMU -kernel boots it as is.
     "aarch64": ArchBuild("aarch64", "aarch64-linux-gnu-", kernel="Image", dtb=None,
-                         workload="dirtyram.aarch64", machine="virt-aarch64", console="ttyAMA0",
+                         workload="dirtyram.aarch64", machine="virt-aarch64",
                          # measured (QEMU 7.2 TCG, -smp 2): OOM panic at 56 MiB, boots at 64
                          min_mem_mb=80, kernel_format="arm64 Image (uncompressed, EFI-signed)"),
     "x86_64": ArchBuild("x86_64", "", kernel="bzImage", dtb=None, workload="dirtyram.x86_64",
-                        machine="q35", console="ttyS0",
+                        machine="q35",
                         min_mem_mb=96,  # measured (QEMU 7.2 TCG, q35): OOM at 80 MiB, boots at 88
                         kernel_format="x86 bzImage (EFI-signed)"),
 }

@@ -44,6 +44,7 @@ from debian.deb822 import Dsc, Sources
 from builder.apt_sources import find_mirror
 from builder.archive import DEFAULT_KEYRING, Archive
 from builder.cache import Cache, sha256_file
+from builder.machines import parse_qemu_version
 from builder.errors import (
     BuildError,
     BuildInputError,
@@ -536,13 +537,13 @@ def _ninja(build: Path, jobs: int, logfile: Path, log: Callable[[str], None]) ->
 def _probe(binary: Path) -> tuple[str, str]:
     out = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=30)
     first = (out.stdout.splitlines() or [""])[0].strip()
-    m = re.search(r"version (\d+\.\d+(?:\.\d+)?)", first)
-    if out.returncode != 0 or not m:
+    version = parse_qemu_version(first)  # the verifier judges it the same way (verifier.qemu.identify_qemu)
+    if out.returncode != 0 or version is None:
         raise QemuBuildError(f"{binary} --version failed: {first or out.stderr.strip()}")
     helptext = subprocess.run([str(binary), "-help"], capture_output=True, text=True, timeout=30).stdout
     if not re.search(r"(?m)^-savedirtylog\b", helptext):
         raise QemuBuildError(f"{binary} was built but its -help does not list -savedirtylog")
-    return m.group(1), first
+    return ".".join(map(str, version)), first
 
 
 # --------------------------------------------------------------------------

@@ -8,6 +8,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("builder", "verifier", "dirtylog")
 
@@ -89,3 +91,34 @@ def test_a_planted_circle_is_found():
 def test_no_module_imports_another_modules_private_names():
     _, private = import_graph()
     assert private == []
+
+
+def test_one_machine_table():
+    """The builder's per-architecture builds and the verifier's command lines read one table."""
+    from builder.build import ARCH_BUILDS
+    from builder.machines import MACHINES
+    from verifier import qemu
+    assert qemu.Machine is __import__("builder.machines", fromlist=["Machine"]).Machine
+    for spec in ARCH_BUILDS.values():
+        m = MACHINES[spec.machine]
+        assert (m.arch, m.console) == (spec.arch, spec.console)
+    assert not hasattr(MACHINES["q35"], "min_mem_mb")  # a fact of the kernel built, carried by the manifest
+
+
+@pytest.mark.parametrize("rc, out, want", [
+    (0, "QEMU emulator version 10.0.13 (v10.0.13-dirty)\nCopyright", (10, 0, 13)),
+    (0, "QEMU emulator version 7.2 (Debian 1:7.2+dfsg-7+deb12u18)\n", (7, 2, 0)),
+    (0, "QEMU emulator version 5.2.0\n", "needs QEMU 6.0 or newer"),
+    (0, "GNU bash, version 5.2.15\n", "does not look like a QEMU"),
+    (1, "QEMU emulator version 8.0.0\n", "does not look like a QEMU"),
+    (0, "", "does not look like a QEMU"),
+])
+def test_one_judgement_of_qemu_version_output(rc, out, want):
+    """verifier.qemu.identify_qemu: used by the local probe, the remote hosts and `dirtylog doctor`."""
+    from verifier.errors import InputError
+    from verifier.qemu import identify_qemu
+    if isinstance(want, tuple):
+        assert identify_qemu("/q", rc, out).version == want
+    else:
+        with pytest.raises(InputError, match=want):
+            identify_qemu("/q", rc, out)

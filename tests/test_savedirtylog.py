@@ -23,7 +23,8 @@ from verifier.artifacts import load_artifacts
 from verifier.compare import compare_images
 from verifier.errors import CaptureError, InputError, VerifyError
 from verifier.migration import MigrationPolicy, run_migration, start_incoming
-from verifier.qemu import MACHINES, GuestConfig, QemuProcess, machine_args, probe_qemu
+from builder.machines import MACHINES
+from verifier.qemu import GuestConfig, QemuProcess, machine_args, probe_qemu
 from verifier.trial import READY_RE
 from verifier.savedirtylog import (
     savedirtylog_args,

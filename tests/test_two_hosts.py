@@ -21,7 +21,7 @@ import pytest
 
 from verifier.artifacts import load_artifacts
 from verifier.errors import InputError, MigrationError, QemuError, VerifyError
-from verifier.qemu import MACHINES
+from builder.machines import MACHINES
 from verifier.remote import (HostAuthError, HostKeyError, HostSetupError, HostUnreachable, LocalHost,
                              RemoteImage, SshHost, SshOptions, TwoHosts, compare_remote_images, make_host,
                              prepare_hosts, qemu_report, run_two_host_trial)

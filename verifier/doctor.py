@@ -20,7 +20,6 @@ import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-MIN_QEMU = (6, 0)
 MIN_DISK_MIB = 2048
 MIN_MEM_MIB = 2 * (256 + 200)
 KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
@@ -46,25 +45,18 @@ def _run(cmd: list[str], timeout: float = 10.0) -> tuple[int, str]:
         return -1, str(exc)
 
 
-def _version(text: str) -> tuple[int, ...] | None:
-    m = re.search(r"version (\d+)\.(\d+)(?:\.(\d+))?", text)
-    return tuple(int(g or 0) for g in m.groups()) if m else None
-
-
 def check_qemu(binary: str, package: str, required: bool) -> Check:
+    from .errors import InputError
+    from .qemu import identify_qemu
     path = shutil.which(binary)
     if not path:
         return Check(binary, "missing" if required else "info", "not on PATH", required, package)
     rc, out = _run([path, "--version"])
-    v = _version(out)
-    if rc != 0 or v is None:
-        return Check(binary, "missing" if required else "warn", f"{path}: `--version` failed: {out[:200]}",
-                     required, package)
-    if v[:2] < MIN_QEMU:
-        return Check(binary, "missing" if required else "warn",
-                     f"{path}: QEMU {'.'.join(map(str, v))} is older than {'.'.join(map(str, MIN_QEMU))}",
-                     required, package)
-    return Check(binary, "ok", f"{path}: QEMU {'.'.join(map(str, v))}", required)
+    try:
+        qemu = identify_qemu(path, rc, out)
+    except InputError as exc:
+        return Check(binary, "missing" if required else "warn", str(exc)[:300], required, package)
+    return Check(binary, "ok", f"{path}: QEMU {qemu.version_str}", required)
 
 
 def check_tool(binary: str, package: str, required: bool, what: str = "") -> Check:

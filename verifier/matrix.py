@@ -87,7 +87,7 @@ def _choice(options):
 
 
 def _machines():
-    from .qemu import MACHINES
+    from builder.machines import MACHINES
     return tuple(MACHINES)
 
 
@@ -839,7 +839,9 @@ def prepare(matrix_file: Path, jobs: int, shard_spec: str | None, artifacts_defa
     Returns the run, notes, and the loaded artifacts per directory. MatrixError/InputError: exit 2."""
     from . import capture as _capture
     from .artifacts import load_artifacts
-    from .qemu import MACHINES, probe_qemu
+    from builder.machines import MACHINES
+
+    from .qemu import probe_qemu
     from .run import check_host_backing, default_run_dir
     if jobs < 1:
         raise InputError(f"--jobs {jobs}: must be at least 1")

@@ -25,9 +25,10 @@ from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
 from qemu.qmp.qmp_client import ExecuteError
 
+from builder.machines import MIN_QEMU_VERSION, Machine, parse_qemu_version
+
 from .errors import InputError, QemuError
 
-MIN_QEMU_VERSION = (6, 0)
 QMP_TIMEOUT_S = 60.0
 
 
@@ -53,50 +54,22 @@ def probe_qemu(name: str) -> QemuBinary:
         out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise InputError(f"cannot run {path} --version: {exc}") from None
-    first = (out.stdout or out.stderr).splitlines()[0] if (out.stdout or out.stderr) else ""
-    m = re.search(r"QEMU emulator version (\d+)\.(\d+)(?:\.(\d+))?", first)
-    if out.returncode != 0 or not m:
+    return identify_qemu(path, out.returncode, out.stdout or out.stderr)
+
+
+def identify_qemu(path: str, returncode: int, output: str) -> QemuBinary:
+    """The one judgement of `QEMU --version` output, wherever it ran: the version, or InputError
+    for something that is not a QEMU system emulator or is too old."""
+    first = (output.splitlines() or [""])[0]
+    version = parse_qemu_version(first)
+    if returncode != 0 or version is None:
         raise InputError(f"{path} does not look like a QEMU system emulator (--version said: {first!r})")
-    version = (int(m.group(1)), int(m.group(2)), int(m.group(3) or 0))
     if version[:2] < MIN_QEMU_VERSION:
         raise InputError(
             f"{path} is QEMU {'.'.join(map(str, version))}; dirtylog needs QEMU "
             f"{'.'.join(map(str, MIN_QEMU_VERSION))} or newer"
         )
     return QemuBinary(path=path, version=version, version_text=first.strip())
-
-
-@dataclass(frozen=True)
-class Machine:
-    """One guest machine model: everything its QEMU command line depends on."""
-
-    name: str
-    qemu_machine: str
-    cpu: str
-    console: str
-    ram_base: int
-    min_mem_mb: int
-    needs_dtb: bool = True  # False: QEMU generates the device tree itself
-    arch: str = "armv7"  # the guest architecture the artifacts must be built for
-    qemu_binary: str = "qemu-system-arm"
-    has_sound: bool = False  # a sound device that wants an audiodev
-
-
-MACHINES = {
-    # The seed's board: CoreTile Express A15x2; RAM starts at 0x80000000.
-    "vexpress-a15": Machine("vexpress-a15", "vexpress-a15", "cortex-a15", "ttyAMA0", 0x80000000, 64,
-                            has_sound=True),
-    # QEMU's generic board; it generates its own device tree.
-    "virt": Machine("virt", "virt", "cortex-a15", "ttyAMA0", 0x40000000, 64, needs_dtb=False),
-    "virt-aarch64": Machine("virt-aarch64", "virt", "cortex-a57", "ttyAMA0", 0x40000000, 128,
-                            needs_dtb=False, arch="aarch64", qemu_binary="qemu-system-aarch64"),
-    # RAM below 4 GiB is linear from 0 (the image also holds what sits in the legacy VGA/BIOS hole).
-    "q35": Machine("q35", "q35", "max", "ttyS0", 0x0, 128, needs_dtb=False, arch="x86_64",
-                   qemu_binary="qemu-system-x86_64"),
-}
-
-MACHINES_BY_ARCH = {arch: [m for m in MACHINES.values() if m.arch == arch]
-                    for arch in ("armv7", "aarch64", "x86_64")}
 
 
 @dataclass

@@ -150,21 +150,16 @@ class Host:
 
     def probe_qemu(self, name: str) -> QemuBinary:
         """Like verifier.qemu.probe_qemu, on the host."""
-        from .qemu import MIN_QEMU_VERSION
+        from .qemu import identify_qemu
         res = self.sh(f"p=$(command -v {shlex.quote(name)}) || exit 127; echo \"$p\"; \"$p\" --version",
                       check=False, what=f"{name} --version")
         if res.returncode == 127:
             raise self.setup_error(f"{self.name}: QEMU binary not found: {name} (install qemu-system-arm there)")
-        lines = res.stdout.decode(errors="replace").splitlines()
-        path, first = (lines + ["", ""])[:2]
-        m = re.search(r"QEMU emulator version (\d+)\.(\d+)(?:\.(\d+))?", first)
-        if res.returncode != 0 or not m:
-            raise self.setup_error(f"{self.name}: {name} does not look like a QEMU system emulator ({first!r})")
-        version = (int(m.group(1)), int(m.group(2)), int(m.group(3) or 0))
-        if version[:2] < MIN_QEMU_VERSION:
-            raise self.setup_error(f"{self.name}: {path} is QEMU {'.'.join(map(str, version))}; dirtylog needs "
-                             f"{'.'.join(map(str, MIN_QEMU_VERSION))} or newer")
-        return QemuBinary(path=path, version=version, version_text=first.strip())
+        path, _, output = res.stdout.decode(errors="replace").partition("\n")
+        try:
+            return identify_qemu(path or name, res.returncode, output)
+        except InputError as exc:
+            raise self.setup_error(f"{self.name}: {exc}") from None
 
     def supports_savedirtylog(self, qemu_path: str) -> bool:
         """Does this host's QEMU list -savedirtylog in its -help?"""

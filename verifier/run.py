@@ -20,7 +20,9 @@ from . import findings as _findings
 from . import remote as _remote
 from .artifacts import GuestArtifacts
 from .errors import InputError, VerifyError
-from .qemu import MACHINES, MACHINES_BY_ARCH, probe_qemu
+from builder.machines import MACHINES, MACHINES_BY_ARCH
+
+from .qemu import probe_qemu
 from .report import RunReport, TrialResult, checks
 from .trial import HUGEPAGE_KB, LocalSites, run_trial
 from .workload import SEED_WORKLOADS, Workload, check_fits
