@@ -122,3 +122,21 @@ def test_one_judgement_of_qemu_version_output(rc, out, want):
     else:
         with pytest.raises(InputError, match=want):
             identify_qemu("/q", rc, out)
+
+
+def test_qemu_error_carries_command_line_exit_status_and_output(tmp_path):
+    """A QEMU that refuses its command line: the error's fields hold what the message says."""
+    import shutil
+
+    from verifier.errors import QemuError
+    from verifier.qemu import QemuProcess, probe_qemu
+    if shutil.which("qemu-system-arm") is None:
+        pytest.fail("qemu-system-arm is part of the test setup (scripts/setup-host.sh)")
+    qemu = probe_qemu("qemu-system-arm")
+    with pytest.raises(QemuError) as e:
+        with QemuProcess(qemu, ["-machine", "no-such-board", "-nographic"], tmp_path, "src"):
+            pass
+    err = e.value
+    assert err.cmdline[0] == qemu.path and "no-such-board" in err.cmdline
+    assert err.exit_status == 1
+    assert "unsupported machine type" in err.output_tail and err.output_tail in str(err)

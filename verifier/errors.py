@@ -14,7 +14,19 @@ class InputError(VerifyError):
 
 
 class QemuError(VerifyError):
-    """A QEMU process failed to start, crashed or stopped answering."""
+    """A QEMU process failed to start, crashed or stopped answering.
+
+    Besides the one-line message: `cmdline` (the argv, when a process was started), `exit_status`
+    (its exit code, None while it runs or when it never started) and `output_tail` (the last lines
+    it wrote), for a caller or a report that wants them without parsing the message.
+    """
+
+    def __init__(self, message: str, *, cmdline: list[str] | None = None, exit_status: int | None = None,
+                 output_tail: str = ""):
+        super().__init__(message)
+        self.cmdline = list(cmdline) if cmdline else None
+        self.exit_status = exit_status
+        self.output_tail = output_tail
 
 
 class MigrationError(VerifyError):

@@ -254,7 +254,7 @@ class QemuProcess:
                     stderr=subprocess.STDOUT, pass_fds=(qmp_theirs.fileno(), ser_theirs.fileno()),
                     preexec_fn=_bind_to_parent)
             except OSError as exc:
-                raise QemuError(f"cannot start {self.binary.path}: {exc}") from None
+                raise QemuError(f"cannot start {self.binary.path}: {exc}", cmdline=self.cmdline) from None
             finally:
                 qmp_theirs.close()
                 ser_theirs.close()
@@ -277,8 +277,11 @@ class QemuProcess:
         """Where the QEMU runs, for messages ("" here, " on HOST" for a remote one)."""
         return ""
 
+    def _exit_code(self) -> int | None:
+        return self.proc.poll() if self.proc else None
+
     def _status(self) -> str:
-        rc = self.proc.poll() if self.proc else None
+        rc = self._exit_code()
         return f"exited with {rc}" if rc is not None else "still running"
 
     def alive(self) -> bool:
@@ -303,7 +306,8 @@ class QemuProcess:
                 if self.gdb and "gdb" in tail.lower() else "")
         raise QemuError(f"{self.name} QEMU{self._where()}: {what}; process {status}"
                         + (f"; it said: {tail}" if tail else "") + hint
-                        + f"; command line in {self.workdir / ('cmdline-' + self.name + '.txt')}")
+                        + f"; command line in {self.workdir / ('cmdline-' + self.name + '.txt')}",
+                        cmdline=self.cmdline, exit_status=self._exit_code(), output_tail=tail)
 
     def close(self, timeout: float = 10.0) -> None:
         """quit over QMP, end the process, release sockets, loop and logs; safe to call twice."""

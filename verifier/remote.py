@@ -422,6 +422,9 @@ class RemoteQemu(QemuProcess):
     def _where(self) -> str:
         return f" on {self.host.name}"
 
+    def _exit_code(self) -> int | None:
+        return self.exit_status
+
     def _status(self) -> str:
         if self.exit_status is not None:
             return f"exited with {self.exit_status}"

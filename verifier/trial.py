@@ -292,7 +292,8 @@ def _kvm_startup_error(exc: QemuError, opts) -> QemuError:
     paravirtualised /dev/kvm that rejects the vCPU's MSRs, for instance), not just that it died."""
     if opts.accel != "kvm":
         return exc
-    return QemuError(f"KVM is not usable here: QEMU failed to start under KVM: {exc}; use --accel tcg")
+    return QemuError(f"KVM is not usable here: QEMU failed to start under KVM: {exc}; use --accel tcg",
+                     cmdline=exc.cmdline, exit_status=exc.exit_status, output_tail=exc.output_tail)
 
 
 def _guest_page_report(console: str, opts) -> dict:
