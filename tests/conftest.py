@@ -29,6 +29,24 @@ def artifacts(tmp_path_factory) -> Path:
 LOST_PAGES_72 = "qemu72-tcg-lost-dirty-pages"
 
 
+@pytest.fixture(scope="session")
+def debian_qemu72() -> str:
+    """Debian 12's qemu-system-arm (7.2), for tests that state 7.2's behaviour: they pass it as
+    --qemu, so they run on the QEMU they are about, and are skipped before any work elsewhere."""
+    import shutil
+
+    from verifier.errors import InputError
+    from verifier.qemu import probe_qemu
+    path = shutil.which("qemu-system-arm")
+    try:
+        qemu = probe_qemu(path or "qemu-system-arm")
+    except InputError as exc:
+        pytest.fail(f"qemu-system-arm is part of the test setup (scripts/setup-host.sh): {exc}")
+    if qemu.version[:2] != (7, 2):
+        pytest.skip(f"states the behaviour of Debian 12's QEMU 7.2; this host's qemu-system-arm is {qemu.version_str}")
+    return qemu.path
+
+
 def pass_or_known_72_loss(res, report: dict) -> str:
     """The verdict of a run on Debian's QEMU 7.2, whose TCG loses dirty pages now and then in
     multi-pass migrations (README, Known results): PASS, or FAIL for exactly that known finding

@@ -69,7 +69,7 @@ def test_single_pass_migration_passes_and_keeps_its_evidence(artifacts, tmp_path
     assert res.returncode == 0 and "identical" in res.stdout
 
 
-def test_multithreaded_tcg_with_limited_bandwidth_is_reported_as_stale_pages(artifacts, tmp_path):
+def test_multithreaded_tcg_with_limited_bandwidth_is_reported_as_stale_pages(artifacts, debian_qemu72, tmp_path):
     """QEMU 7.2 MTTCG loses dirty bits (15 of 16 runs measured, 4 of 4 here with 6 forced
     passes): this pins the FAIL verdict and the listing of the lost pages as stale dirtyram
     generations. The loss is random: one CI run of 3 trials lost a single kernel page and nothing
@@ -79,11 +79,11 @@ def test_multithreaded_tcg_with_limited_bandwidth_is_reported_as_stale_pages(art
     outputs = ""
     for attempt in range(1, 4):
         run_dir = tmp_path / f"run{attempt}"
-        res = run_dirtylog("verify", "--artifacts", artifacts, "--machine", "virt", "--smp", "2",
-                           "--max-bandwidth", "50M", "--min-passes", "6", "--trials", "3", "--run-dir", run_dir)
+        res = run_dirtylog("verify", "--artifacts", artifacts, "--qemu", debian_qemu72, "--machine", "virt",
+                           "--smp", "2", "--max-bandwidth", "50M", "--min-passes", "6", "--trials", "3",
+                           "--run-dir", run_dir)
         report = _report(run_dir)
-        if report["qemu"]["version"].split(".")[0] != "7":
-            pytest.skip(f"the lost-dirty-page bug is pinned for Debian's QEMU 7.2, not {report['qemu']['version']}")
+        assert report["qemu"]["version"].startswith("7.2"), report["qemu"]
         outputs += res.stdout
         if res.returncode == 0:
             assert report["verdict"] == "pass"
