@@ -8,7 +8,6 @@ half-written artifact set behind.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import platform
 import shlex
@@ -24,9 +23,9 @@ from .dirtyram import build_dirtyram, compiler_version
 from .errors import BuildInputError
 from .initrd import DIRTYRAM_PATH, build_initrd
 from .machines import MACHINES
+from .manifest import MANIFEST_SCHEMA, manifest_text
 from .lock import ARCH_LOCKS, DEFAULT_LOCK_PATH, fetch_pinned, load_lock, lock_path_for
 
-MANIFEST_SCHEMA = "dirtylog-artifacts/1"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DIRTYRAM_SRC = REPO_ROOT / "dirtyram-src"
 INIT_SCRIPT = Path(__file__).resolve().parent / "guest" / "init"
@@ -107,7 +106,7 @@ def arch_build(arch: str) -> ArchBuild:
 def publish_staged(staging: Path, out: Path, names: list[str], manifest: dict) -> None:
     """Move the files `names` from `staging` into `out`, then their manifest, last: a reader of
     `out` never sees a manifest describing files that are not there yet (or old ones)."""
-    (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    (staging / "manifest.json").write_text(manifest_text(manifest))
     out.mkdir(parents=True, exist_ok=True)
     (out / "manifest.json").unlink(missing_ok=True)  # an old manifest must not describe new files
     for name in _ALL_ARTIFACT_NAMES:  # another architecture's files must not linger beside these

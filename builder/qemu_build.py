@@ -11,7 +11,7 @@ Inputs, all pinned in ``builder/locks/qemu-sources.json``:
 - For QEMU 10.0 the two Python wheels its configure installs from ``python/wheels/`` and
   that Debian's ``+ds`` tarball does not ship (meson, pycotap), downloaded with pip with
   ``--require-hashes``.
-- Our patches, ``verifier/patches/qemu-<version>/*.patch`` (applied after Debian's series).
+- Our patches, ``builder/patches/qemu-<version>/*.patch`` (applied after Debian's series).
 
 The result is content-addressed: ``<cache root>/qemu-builds/<key>/`` with ``key`` = sha256 over
 the source hashes, the wheels' hashes, every patch's bytes, the configure arguments and a
@@ -70,7 +70,7 @@ __all__ = [
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_QEMU_LOCK = Path(__file__).resolve().parent / "locks" / "qemu-sources.json"
-PATCH_ROOT = REPO_ROOT / "verifier" / "patches"
+PATCH_ROOT = REPO_ROOT / "builder" / "patches"
 LOCK_SCHEMA = "dirtylog-qemu-sources/1"
 BUILD_SCHEMA = "dirtylog-qemu-build/1"
 # Bump when the recipe changes in a way the key would not otherwise see.

@@ -289,23 +289,8 @@ class ContainerRuntime:
 
     def _amend_manifest(self, out: Path, updates: dict) -> dict:
         """Add the runtime's keys to the manifest the container wrote, keeping its owner and mode."""
-        manifest_path = out / "manifest.json"
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except (OSError, ValueError) as e:
-            raise BuildError(f"{self.name}: the container's build left no readable {manifest_path}: {e}") from None
-        manifest.update(updates)
-        st = manifest_path.stat()
-        tmp = manifest_path.with_name(".manifest.json.tmp")
-        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-        os.chmod(tmp, st.st_mode & 0o7777)
-        if (st.st_uid, st.st_gid) != (os.getuid(), os.getgid()):
-            try:  # keep it the build user's, like the other files
-                os.chown(tmp, st.st_uid, st.st_gid)
-            except OSError:
-                pass
-        os.replace(tmp, manifest_path)
-        return manifest
+        from builder.manifest import amend_manifest
+        return amend_manifest(out, updates, what=f"{self.name}: the container's build")
 
     def _run_in_container(self, tag: str, cmd: list[str], cache: Path, volumes: dict, log,
                           killed_note: str = "", extra_env: dict | None = None) -> None:

@@ -134,14 +134,10 @@ def _build_patched_qemu(console, out, version, mirror, cache_dir, offline, runti
         rt.build_qemu(version, cache_dir=cache_dir, mirror=mirror, offline=offline, log=console.step)
     qb = build_patched_qemu(version, Cache(cache_dir), mirror=mirror, offline=offline, log=console.step,
                             progress=sys.stderr.isatty())
-    manifest_path = out / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    manifest["qemu"] = {"path": str(qb.qemu_system_arm), "version": qb.version, "patched": True,
-                        "source_package": qb.source_package, "source_version": qb.source_version,
-                        "patches": list(qb.patches), "cache_key": qb.cache_key}
-    tmp = manifest_path.with_name(manifest_path.name + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    tmp.replace(manifest_path)
+    from builder.manifest import amend_manifest
+    amend_manifest(out, {"qemu": {"path": str(qb.qemu_system_arm), "version": qb.version, "patched": True,
+                                  "source_package": qb.source_package, "source_version": qb.source_version,
+                                  "patches": list(qb.patches), "cache_key": qb.cache_key}}, what="--qemu patched")
     console.step(f"  {qb.qemu_system_arm} ({qb.version_text}{', cached' if qb.cache_hit else ''})")
     return str(qb.qemu_system_arm)
 

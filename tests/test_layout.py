@@ -140,3 +140,43 @@ def test_qemu_error_carries_command_line_exit_status_and_output(tmp_path):
     assert err.cmdline[0] == qemu.path and "no-such-board" in err.cmdline
     assert err.exit_status == 1
     assert "unsupported machine type" in err.output_tail and err.output_tail in str(err)
+
+
+def _documented_manifest_keys() -> set[str]:
+    import re
+    rows = [line for line in (ROOT / "docs" / "manifest.md").read_text().splitlines() if line.startswith("| `")]
+    return {k for row in rows for k in re.findall(r"`([^`]+)`", row.split("|")[1])}
+
+
+def _flat_keys(obj, prefix: str = "") -> set[str]:
+    keys = set()
+    for k, v in obj.items():
+        name = prefix + k
+        keys.add(name)
+        if isinstance(v, dict):
+            keys |= _flat_keys(v, name + ".")
+        elif isinstance(v, list) and v and all(isinstance(e, dict) for e in v):
+            keys.add(name + "[]")
+            for e in v:
+                keys |= _flat_keys(e, name + "[].")
+    return keys
+
+
+def _undocumented(manifest: dict, documented: set[str]) -> list[str]:
+    def covered(key):
+        parts = key.split(".")
+        if any(d.startswith(key + ".") for d in documented):  # an object whose keys are listed
+            return True
+        return any(".".join(parts[:i]) in documented or ".".join(parts[:i]) + "[]" in documented
+                   for i in range(1, len(parts) + 1))
+    return sorted(k for k in _flat_keys(manifest) if not covered(k))
+
+
+def test_manifest_doc_names_every_key_of_a_real_build(artifacts):
+    """docs/manifest.md is the contract: a key the builder writes and the doc does not name fails."""
+    import json
+    manifest = json.loads((artifacts / "manifest.json").read_text())
+    documented = _documented_manifest_keys()
+    assert {"schema", "guest.machine", "files[].sha256", "qemu.path"} <= documented
+    assert _undocumented(manifest, documented) == []
+    assert _undocumented({**manifest, "guest": {**manifest["guest"], "new_key": 1}}, documented) == ["guest.new_key"]

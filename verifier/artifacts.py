@@ -16,8 +16,7 @@ from pathlib import Path
 from .errors import InputError
 from .workload import GUEST_RESERVED_MB
 
-MANIFEST_NAME = "manifest.json"
-MANIFEST_SCHEMA = "dirtylog-artifacts/1"
+from builder.manifest import MANIFEST_NAME, MANIFEST_SCHEMA  # noqa: E402 (the one definition)
 
 ZIMAGE_MAGIC = 0x016F2818  # at offset 0x24 of an ARM zImage
 FDT_MAGIC = 0xD00DFEED

@@ -6,7 +6,7 @@ paused, before it resumes. Methods:
   the file itself; the destination's is copied before it resumes (the copy is the evidence).
 - pmemsave: QMP `pmemsave` of the RAM range on each side (works with any RAM backend).
 - savedirtylog: a QEMU patched with dirtylog's `-savedirtylog` writes the image itself at exactly
-  those two points (verifier/patches/, built by `dirtylog build --qemu patched`). The default
+  those two points (builder/patches/, built by `dirtylog build --qemu patched`). The default
   whenever the QEMU under test has the option.
 """
 

@@ -1,6 +1,6 @@
 """QEMU's ``-savedirtylog``: guest RAM written by QEMU itself at the two points that matter.
 
-A QEMU built with dirtylog's patch (``verifier/patches/``, built by ``builder/qemu_build.py``)
+A QEMU built with dirtylog's patch (``builder/patches/``, built by ``builder/qemu_build.py``)
 accepts ``-savedirtylog [PATH]`` and writes all of main guest RAM (``machine->ram``: the
 ``memory-backend`` or the board's RAM block, e.g. ``mach-virt.ram``, ``vexpress.highmem``), in
 guest-physical order, in a 64 MiB pwrite loop (O_DIRECT when possible) followed by fsync:
