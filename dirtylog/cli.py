@@ -185,7 +185,7 @@ def verify_options(f):
         click.option("--machine", type=click.Choice(["vexpress-a15", "virt", "virt-aarch64", "q35"]), default=None,
                      help="Guest machine model (default: the manifest's; armv7: vexpress-a15 as in 2014, or virt)."),
         click.option("--machine-opts", default="", metavar="PROP=VALUE[,...]",
-                     help="Extra -machine properties, e.g. secure=off for vexpress-a15 (see README)."),
+                     help="Extra -machine properties, e.g. secure=off for vexpress-a15 (docs/verifying.md)."),
         click.option("--no-cpu-state", "no_cpu_state", is_flag=True,
                      help="Do not compare the vCPUs' registers (read through QEMU's gdbstub) after the "
                           "migration; the report records that they were not compared."),

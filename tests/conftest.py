@@ -49,7 +49,7 @@ def debian_qemu72() -> str:
 
 def pass_or_known_72_loss(res, report: dict) -> str:
     """The verdict of a run on Debian's QEMU 7.2, whose TCG loses dirty pages now and then in
-    multi-pass migrations (README, Known results): PASS, or FAIL for exactly that known finding
+    multi-pass migrations (docs/known-results.md): PASS, or FAIL for exactly that known finding
     with the CPU state identical, and the guest running after resume unless kernel pages
     (not-dirtyram) were lost. Any other outcome fails the test. Returns "pass" or "fail"."""
     out = res.stdout + res.stderr

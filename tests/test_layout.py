@@ -180,3 +180,19 @@ def test_manifest_doc_names_every_key_of_a_real_build(artifacts):
     assert {"schema", "guest.machine", "files[].sha256", "qemu.path"} <= documented
     assert _undocumented(manifest, documented) == []
     assert _undocumented({**manifest, "guest": {**manifest["guest"], "new_key": 1}}, documented) == ["guest.new_key"]
+
+
+def test_readme_synopsis_names_every_option_of_every_command():
+    """The README's command synopsis is checked against the click options, so it cannot go stale."""
+    import re
+
+    from dirtylog.cli import cli
+    text = (ROOT / "README.md").read_text()
+    synopsis = text[text.index("## Commands"):text.index("## Documentation")]
+    missing = []
+    for name in ("build", "verify", "compare"):
+        for p in cli.commands[name].params:
+            longs = [o for o in p.opts if o.startswith("--")]
+            if longs and p.name != "help" and not any(re.search(re.escape(o) + r"\b", synopsis) for o in longs):
+                missing.append(f"{name} {longs[0]}")
+    assert missing == []
