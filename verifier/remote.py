@@ -76,7 +76,7 @@ class RemoteCommandError(VerifyError):
     """A command on the host failed: exit 3."""
 
 
-def _classify_ssh_failure(host: str, stderr: str, what: str) -> VerifyError:
+def classify_ssh_failure(host: str, stderr: str, what: str) -> VerifyError:
     """ssh exits 255 for its own failures; turn its message into one typed line."""
     text = " ".join(stderr.split())
     if re.search(r"Host key verification failed|No \S+ host key is known|HOST IDENTIFICATION HAS CHANGED"
@@ -123,7 +123,7 @@ class Host:
         except OSError as exc:
             raise InputError(f"cannot run ssh: {exc}") from None
         if res.returncode == 255 and self.is_ssh:
-            raise _classify_ssh_failure(self.name, res.stderr.decode(errors="replace"), what)
+            raise classify_ssh_failure(self.name, res.stderr.decode(errors="replace"), what)
         if check and res.returncode != 0:
             err = " ".join(res.stderr.decode(errors="replace").split())[-300:]
             raise RemoteCommandError(f"{self.name}: {what} failed with status {res.returncode}: {err}")
@@ -393,7 +393,7 @@ class RemoteQemu(QemuProcess):
         except subprocess.TimeoutExpired:
             rc = None
         if rc == 255 and isinstance(self.host, SshHost):
-            raise _classify_ssh_failure(self.host.name, self._ssh_stderr(), f"starting the {self.name} QEMU")
+            raise classify_ssh_failure(self.host.name, self._ssh_stderr(), f"starting the {self.name} QEMU")
         noexec = [l for l in self._lines if l.startswith("NOEXEC")]
         if noexec:
             raise self.host.setup_error(f"{self.name} QEMU on {self.host.name}: cannot run {self.binary.path}: {noexec[0][7:]}")
