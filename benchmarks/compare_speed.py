@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Time verifier.compare.compare_images against cmp and sum -r on page-cache-hot images.
+"""Time verifier.analysis.compare.compare_images against cmp and sum -r on page-cache-hot images.
 
 For each size: writes two identical random images (and, with --diff, a copy with scattered
 differences; with --worst, an image differing on every page), reads them once to warm the
@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from verifier.compare import compare_images  # noqa: E402
+from verifier.analysis.compare import compare_images  # noqa: E402
 
 BLOCK = 16 << 20
 PAGE = 4096

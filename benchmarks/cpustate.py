@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Time the CPU-state oracle (verifier.cpustate) on real migrated guests.
+"""Time the CPU-state oracle (verifier.capture.cpustate) on real migrated guests.
 
 What it adds to a verification (--in-verify): runs `dirtylog verify --trials N` on each machine
 (2 vCPUs, the default workload) and prints median and max of the report's
@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 import test_cpustate  # noqa: E402
 from test_cpustate import guest_args, migrated_pair  # noqa: E402
-from verifier.cpustate import GdbStub, compare  # noqa: E402
+from verifier.capture.cpustate import GdbStub, compare  # noqa: E402
 
 
 def time_rsp(sock: Path, trials: int) -> tuple[list[float], dict]:

@@ -32,12 +32,12 @@ from builder import qemu_build  # noqa: E402
 from builder.build import build_artifacts  # noqa: E402
 from builder.cache import Cache  # noqa: E402
 from verifier.artifacts import load_artifacts  # noqa: E402
-from verifier.migration import MigrationPolicy, run_migration, start_incoming  # noqa: E402
+from verifier.run.migration import MigrationPolicy, run_migration, start_incoming  # noqa: E402
 from builder.machines import MACHINES  # noqa: E402
-from verifier.qemu import GuestConfig, QemuProcess, machine_args, probe_qemu  # noqa: E402
-from verifier.trial import READY_RE  # noqa: E402
-from verifier.savedirtylog import savedirtylog_args, wait_for_image  # noqa: E402
-from verifier.workload import SEED_WORKLOADS, kernel_cmdline_arg  # noqa: E402
+from verifier.run.qemu import GuestConfig, QemuProcess, machine_args, probe_qemu  # noqa: E402
+from verifier.run.trial import READY_RE  # noqa: E402
+from verifier.capture.savedirtylog import savedirtylog_args, wait_for_image  # noqa: E402
+from verifier.run.workload import SEED_WORKLOADS, kernel_cmdline_arg  # noqa: E402
 
 
 def parse_size(text: str) -> int:

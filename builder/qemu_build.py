@@ -537,7 +537,7 @@ def _ninja(build: Path, jobs: int, logfile: Path, log: Callable[[str], None]) ->
 def _probe(binary: Path) -> tuple[str, str]:
     out = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=30)
     first = (out.stdout.splitlines() or [""])[0].strip()
-    version = parse_qemu_version(first)  # the verifier judges it the same way (verifier.qemu.identify_qemu)
+    version = parse_qemu_version(first)  # the verifier judges it the same way (verifier.run.qemu.identify_qemu)
     if out.returncode != 0 or version is None:
         raise QemuBuildError(f"{binary} --version failed: {first or out.stderr.strip()}")
     helptext = subprocess.run([str(binary), "-help"], capture_output=True, text=True, timeout=30).stdout

@@ -8,7 +8,6 @@ Exit codes (dirtylog/console.py): 0 pass, 1 verification found differences, 2 us
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -18,32 +17,41 @@ from dirtylog.cli_matrix import register as _register_matrix_commands
 
 from dirtylog.console import EXIT_DIFFERENCES, EXIT_INFRA, EXIT_PASS, Console, fail as _fail, run_main
 
-class ByteRate(click.ParamType):
-    """Bytes per second by verifier.units' rule: 50000000, 50M (10^6) or 48Mi (2^20)."""
+class TableValue(click.ParamType):
+    """A verify option's value, parsed by its kind in verifier.run.options (the one option table)."""
 
-    name = "BYTES_PER_S"
-
-    def convert(self, value, param, ctx):
-        from verifier.errors import InputError
-        from verifier.units import parse_rate
-        try:
-            return parse_rate(value)
-        except InputError as exc:
-            self.fail(str(exc), param, ctx)
-
-
-class WorkloadSpec(click.ParamType):
-    name = "TOTAL:DIRTY:INTERVAL_MS"
+    def __init__(self, option):
+        self.option = option
+        self.name = option.metavar or option.kind.metavar
 
     def convert(self, value, param, ctx):
         from verifier.errors import InputError
-        from verifier.workload import Workload, parse_workload
-        if isinstance(value, Workload):
+        if not isinstance(value, str):
             return value
         try:
-            return parse_workload(value)
+            return self.option.kind.parse(value, self.option.flag)
         except InputError as exc:
-            self.fail(str(exc), param, ctx)
+            self.fail(str(exc).removeprefix(f"{self.option.flag} "), param, ctx)
+
+
+def table_option(o):
+    """The click option of one entry of verifier.run.options.OPTIONS."""
+    kw = {"help": o.help, "show_default": o.show_default}
+    if o.kind.is_flag:
+        kw["is_flag"] = True
+        kw["default"] = False
+    else:
+        kw["default"] = None if o.multiple or o.default in ((), {}) else o.default
+        kw["multiple"] = o.multiple
+        if o.kind.choices is not None:
+            kw["type"] = click.Choice(o.kind.choices)
+        elif o.kind.path:
+            kw["type"] = click.Path(path_type=Path)
+        else:
+            kw["type"] = TableValue(o)
+        if o.metavar:
+            kw["metavar"] = o.metavar
+    return click.option(o.flag, o.name, **kw)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -177,137 +185,27 @@ def lock_cmd(console, refresh, mirror):
 
 # -- verify ---------------------------------------------------------------------------------------
 def verify_options(f):
-    opts = [
-        click.option("--qemu", default=None,
-                     help="QEMU system emulator to test (default: the one recorded in the manifest, else "
-                          "qemu-system-arm, -aarch64 or -x86_64 by machine). make-and-verify also takes "
-                          "'patched' (its default for armv7) or 'stock'."),
-        click.option("--machine", type=click.Choice(["vexpress-a15", "virt", "virt-aarch64", "q35"]), default=None,
-                     help="Guest machine model (default: the manifest's; armv7: vexpress-a15 as in 2014, or virt)."),
-        click.option("--machine-opts", default="", metavar="PROP=VALUE[,...]",
-                     help="Extra -machine properties, e.g. secure=off for vexpress-a15 (docs/verifying.md)."),
-        click.option("--no-cpu-state", "no_cpu_state", is_flag=True,
-                     help="Do not compare the vCPUs' registers (read through QEMU's gdbstub) after the "
-                          "migration; the report records that they were not compared."),
-        click.option("--smp", type=int, default=2, show_default=True, help="Guest vCPUs."),
-        click.option("--mem", "mem_mb", type=int, default=256, show_default=True, help="Guest RAM in MiB."),
-        click.option("--max-bandwidth", type=ByteRate(), default=None,
-                     help="Fix the migration bandwidth (bytes/s; 50M = 50*10^6, 48Mi = 48*2^20). "
-                          "Default: throttled until --min-passes dirty syncs, then released."),
-        click.option("--min-passes", type=click.IntRange(1, 1000), default=4, show_default=True,
-                     help="Dirty-bitmap syncs to force while the workload runs before letting it converge."),
-        click.option("--workload", "workloads", type=WorkloadSpec(), multiple=True,
-                     help="A dirtyram instance TOTAL:DIRTY:INTERVAL_MS in 4 KiB pages; repeatable. "
-                          "Default: the 2014 procedure's 512:512:50 512:512:50 50:50:5."),
-        click.option("--trials", type=click.IntRange(1, 1000), default=1, show_default=True,
-                     help="Independent migrations to run."),
-        click.option("--capture", type=click.Choice(["auto", "savedirtylog", "backing-file", "pmemsave"]),
-                     default="auto", show_default=True,
-                     help="How guest RAM is captured on each side (auto: -savedirtylog when the QEMU has it, "
-                          "else the RAM backing file)."),
-        click.option("--transport", type=click.Choice(["unix", "tcp"]), default="unix", show_default=True,
-                     help="Migration channel between the two local QEMUs."),
-        click.option("--migration-address", default="127.0.0.1", show_default=True,
-                     help="Address for --transport tcp; with --dst-host, the destination host's address on "
-                          "the migration network (its QEMU listens there)."),
-        click.option("--src-host", metavar="USER@HOST[:PORT]|local",
-                     help="Run the source QEMU on this host over SSH (QMP and serial forwarded as unix "
-                          "sockets; capture with pmemsave there; only differing pages are fetched)."),
-        click.option("--dst-host", metavar="USER@HOST[:PORT]|local",
-                     help="Run the destination QEMU on this host over SSH; needs --migration-address."),
-        click.option("--ssh-identity", type=click.Path(path_type=Path), help="Private key for --src-host/--dst-host."),
-        click.option("--known-hosts", type=click.Path(path_type=Path),
-                     help="known_hosts file for --src-host/--dst-host (unknown host keys are always refused)."),
-        click.option("--remote-dir", default="/var/tmp/dirtylog-remote", show_default=True,
-                     help="Run directories and file cache on --src-host/--dst-host."),
-        click.option("--dst-qemu", metavar="PATH",
-                     help="With --src-host/--dst-host: the destination's QEMU when it is not --qemu (e.g. "
-                          "another version; needs --allow-qemu-mismatch then)."),
-        click.option("--allow-qemu-mismatch", is_flag=True,
-                     help="With --src-host/--dst-host: run although the two hosts' QEMUs report different "
-                          "versions (a cross-version migration); both versions go to report.json."),
-        click.option("--migration-timeout", type=float, default=180.0, show_default=True,
-                     help="Seconds before a migration that does not converge is a failure."),
-        click.option("--boot-timeout", type=float, default=120.0, show_default=True,
-                     help="Seconds to wait for the guest's readiness marker."),
+    """The verify options (verifier.run.options.OPTIONS, in the table's order), then the guest files
+    and the JSON report, which belong to the command rather than to the plan."""
+    from verifier.run.options import OPTIONS
+    opts = [table_option(o) for o in OPTIONS if o.flag]
+    opts[-2:-2] = [
         click.option("--kernel", type=click.Path(path_type=Path), help="Use this zImage (bring your own guest)."),
         click.option("--dtb", type=click.Path(path_type=Path), help="Use this device tree."),
         click.option("--initrd", type=click.Path(path_type=Path),
                      help="Use this initrd (gzip or plain cpio). A foreign one is ready at its shell prompt."),
-        click.option("--guest-cmd", "guest_cmds", multiple=True, metavar="COMMAND",
-                     help="Typed at the guest's shell prompt after boot (the 2014 way); repeatable."),
-        click.option("--ready-pattern", metavar="REGEX",
-                     help="Console output that says the guest is ready (default: DIRTYLOG-READY, or a "
-                          "shell prompt for a foreign initrd)."),
-        click.option("--inject", metavar="KIND[:N]",
-                     help="Negative control: untracked-writes[:N] (host writes behind QEMU's back into N "
-                          "source pages just before switchover) or corrupt-capture[:N] (flip bytes in N "
-                          "pages of the destination image) or cpu-register[:N] (change N registers of the "
-                          "destination's vCPU 0 through its gdbstub before it is read, restore them after). "
-                          "The run must FAIL and name those pages or registers."),
-        click.option("--capability", "capabilities", multiple=True, metavar="NAME=on|off",
-                     help="Migration capability on both sides, e.g. multifd=on, xbzrle=on, auto-converge=on."),
-        click.option("--parameter", "parameters", multiple=True, metavar="NAME=VALUE",
-                     help="Migration parameter on the source, e.g. multifd-channels=4, xbzrle-cache-size=64Mi (sizes: 64M = 64*10^6, 64Mi = 64*2^20)."),
-        click.option("--postcopy", is_flag=True,
-                     help="Switch to postcopy after the forced passes (destination stays paused)."),
-        click.option("--accel", type=click.Choice(["tcg", "kvm"]), default="tcg", show_default=True,
-                     help="Accelerator. KVM needs an arm64 host with a usable /dev/kvm and --machine virt."),
-        click.option("--tcg-thread", type=click.Choice(["single", "multi"]),
-                     help="TCG threading (default: QEMU's, multi-threaded with several vCPUs)."),
-        click.option("--kvm-dirty-ring", type=click.IntRange(1024, 65536),
-                     help="Use KVM's dirty ring with this many entries instead of the dirty bitmap."),
-        click.option("--seed", type=int, help="Seed for the random choices of --inject."),
-        click.option("--host-backing", type=click.Choice(["auto", "anon", "file", "memfd", "memfd-hugetlb", "thp"]),
-                     default="auto", show_default=True,
-                     help="What backs guest RAM on the host (auto: a shared file for --capture backing-file, "
-                          "anonymous memory otherwise). The report states the page sizes really in effect."),
-        click.option("--guest-pages", type=click.Choice(["4k", "hugetlb", "thp"]), default="4k", show_default=True,
-                     help="How dirtyram maps its buffers in the guest: 4 KiB pages, 2 MiB MAP_HUGETLB "
-                          "(the initrd reserves them) or MADV_HUGEPAGE."),
-        click.option("--run-dir", type=click.Path(path_type=Path),
-                     help="Where this run's files go (default: ./dirtylog-runs/<time>-<id>)."),
         click.option("--json", "json_path", type=click.Path(path_type=Path),
                      help="Also write the JSON report here."),
-        click.option("--delete-images", is_flag=True,
-                     help="Delete the RAM images of trials that passed (failed trials keep theirs)."),
     ]
     for o in reversed(opts):
         f = o(f)
     return f
 
 
-def _key_values(items, option: str, booleans: bool) -> dict:
-    from verifier.errors import InputError
-    from verifier.units import looks_like_size, parse_bytes
-    out = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            raise click.BadParameter(f"{item!r}: expected NAME=VALUE", param_hint=option)
-        if booleans:
-            if value not in ("on", "off", "true", "false"):
-                raise click.BadParameter(f"{item!r}: the value must be on or off", param_hint=option)
-            out[name] = value in ("on", "true")
-        elif re.fullmatch(r"\d+", value):
-            out[name] = int(value)
-        elif looks_like_size(value):
-            try:
-                out[name] = parse_bytes(value)
-            except InputError as exc:
-                raise click.BadParameter(f"{item!r}: {exc}", param_hint=option) from None
-        elif value in ("on", "off", "true", "false"):
-            out[name] = value in ("on", "true")
-        else:
-            out[name] = value
-    return out
-
-
 def _verify(console, artifacts, **kw):
     from verifier.artifacts import foreign_artifacts, load_artifacts
-    from verifier.inject import parse_inject
-    from verifier.run import VerifyOptions, verify
-    from verifier.workload import SEED_WORKLOADS
+    from verifier.run.options import from_cli
+    from verifier.run.verify import verify
     if kw["kernel"] or kw["dtb"] or kw["initrd"]:
         base = load_artifacts(artifacts) if (artifacts / "manifest.json").is_file() else None
         art = foreign_artifacts(kw["kernel"], kw["dtb"], kw["initrd"], kw["machine"] or "vexpress-a15", base)
@@ -319,21 +217,7 @@ def _verify(console, artifacts, **kw):
         console.step(f"QEMU from the manifest: {kw['qemu']}")
     for note in art.notes:
         console.step(f"note: {note}")
-    opts = VerifyOptions(
-        qemu=kw["qemu"], smp=kw["smp"], mem_mb=kw["mem_mb"], max_bandwidth=kw["max_bandwidth"],
-        workloads=tuple(kw["workloads"]) or SEED_WORKLOADS, trials=kw["trials"], run_dir=kw["run_dir"],
-        capture=kw["capture"], transport=kw["transport"], migration_address=kw["migration_address"],
-        min_passes=kw["min_passes"], migration_timeout_s=kw["migration_timeout"],
-        boot_timeout_s=kw["boot_timeout"], delete_images=kw["delete_images"], machine=kw["machine"],
-        inject=parse_inject(kw["inject"]), capabilities=_key_values(kw["capabilities"], "--capability", True),
-        parameters=_key_values(kw["parameters"], "--parameter", False), postcopy=kw["postcopy"],
-        accel=kw["accel"], tcg_thread=kw["tcg_thread"], kvm_dirty_ring=kw["kvm_dirty_ring"],
-        guest_cmds=tuple(kw["guest_cmds"]), ready_pattern=kw["ready_pattern"], seed=kw["seed"],
-        host_backing=kw["host_backing"], guest_pages=kw["guest_pages"], machine_opts=kw["machine_opts"],
-        cpu_state=not kw["no_cpu_state"], src_host=kw["src_host"], dst_host=kw["dst_host"],
-        ssh_identity=str(kw["ssh_identity"]) if kw["ssh_identity"] else None,
-        known_hosts=str(kw["known_hosts"]) if kw["known_hosts"] else None, remote_dir=kw["remote_dir"],
-        dst_qemu=kw["dst_qemu"], allow_qemu_mismatch=kw["allow_qemu_mismatch"])
+    opts = from_cli(kw)
     if "max-bandwidth" in opts.parameters or "downtime-limit" in opts.parameters:
         raise click.BadParameter("max-bandwidth and downtime-limit are driven by dirtylog: use "
                                  "--max-bandwidth and --min-passes", param_hint="--parameter")
@@ -423,7 +307,7 @@ def make_and_verify(console, out, offline, mirror, cache_dir, arch, runtime, eng
 @click.pass_obj
 def compare(console, image_a, image_b, page_size, ram_base, json_path):
     """Compare two RAM images page by page; exit 0 when identical, 1 listing every differing page."""
-    from verifier.compare import compare_images, guest_phys_addr
+    from verifier.analysis.compare import compare_images, guest_phys_addr
     try:
         base = int(ram_base, 0)
     except ValueError:

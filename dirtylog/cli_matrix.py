@@ -36,8 +36,8 @@ def _error(msg: str) -> None:
 
 def _write_outputs(report: dict, out_dir: Path | None, json_path, junit_path, html_path, console) -> list[Path]:
     """matrix-report.json (and junit.xml) always in out_dir; copies / extra formats where asked."""
-    from verifier import junit
-    from verifier.matrix import write_json
+    from verifier.reports import junit
+    from verifier.matrix.results import write_json
     written = []
     if out_dir is not None:
         write_json(report, out_dir / REPORT_JSON)
@@ -50,7 +50,7 @@ def _write_outputs(report: dict, out_dir: Path | None, json_path, junit_path, ht
         written.append(junit.write(report, Path(junit_path)))
     if html_path:
         try:
-            from verifier import html_report
+            from verifier.reports import html as html_report
             written.append(html_report.write(report, Path(html_path)))
         except ImportError as exc:
             _say(console, f"warning: no HTML report ({exc}; pip install matplotlib)")
@@ -59,7 +59,7 @@ def _write_outputs(report: dict, out_dir: Path | None, json_path, junit_path, ht
 
 def summary_lines(report: dict) -> list[str]:
     s = report["summary"]
-    from verifier.expect import summary_words
+    from verifier.analysis.expect import summary_words
     expected = summary_words(s)
     lines = [f"dirtylog matrix: {report['verdict'].upper()}  ({s['passed']} passed, {s['failed']} failed, "
              f"{expected}{s['errors']} errors, {s['interrupted'] + s['not_run']} interrupted/not run of {s['scenarios']} "
@@ -87,8 +87,8 @@ def run_matrix(matrix_file, jobs=1, shard=None, artifacts_default=None, run_dir=
                junit_path=None, html_path=None, console=None, select=()) -> int:
     """Run (a shard of) a matrix; write matrix-report.json and junit.xml into the run directory,
     and --json/--junit/--html where asked. Returns the exit code (see the module doc)."""
-    from verifier.matrix import execute, prepare, report_dict
-    from verifier.report import now_utc
+    from verifier.matrix.execute import execute, prepare, report_dict
+    from verifier.reports.report import now_utc
     started = now_utc()
     for opt, p in (("--json", json_path), ("--junit", junit_path), ("--html", html_path)):
         if p is not None and not Path(p).resolve().parent.is_dir():
@@ -126,7 +126,7 @@ def run_matrix(matrix_file, jobs=1, shard=None, artifacts_default=None, run_dir=
         # Written whatever happened, a second Ctrl-C included.
         report = report_dict(run, started) if len(run.results) == len(run.scenarios) else None
         if report is None:
-            from verifier.matrix import ScenarioResult
+            from verifier.matrix.results import ScenarioResult
             for s in run.scenarios:
                 run.results.setdefault(s.index, ScenarioResult(scenario=s, status="not-run",
                                                                error="not run: the matrix was interrupted"))
@@ -172,7 +172,7 @@ def register(cli_group: click.Group) -> None:
         """Merge the matrix reports of shards (run directories of `verify --matrix --shard I/N`)
         into one JSON, JUnit and HTML report. Exits like the matrix would have: 0, 1, 3 (also when a
         scenario of the matrix is in no shard), 130."""
-        from verifier.merge import merge, merged_exit_code
+        from verifier.reports.merge import merge, merged_exit_code
         try:
             report = merge(list(dirs))
         except InputError as exc:

@@ -36,7 +36,7 @@ def debian_qemu72() -> str:
     import shutil
 
     from verifier.errors import InputError
-    from verifier.qemu import probe_qemu
+    from verifier.run.qemu import probe_qemu
     path = shutil.which("qemu-system-arm")
     try:
         qemu = probe_qemu(path or "qemu-system-arm")

@@ -31,7 +31,7 @@ from builder.errors import BuildInputError
 from builder.initrd import DIRTYRAM_PATH
 from verifier.artifacts import load_artifacts
 from verifier.errors import InputError
-from verifier.workload import SEED_WORKLOADS, check_fits
+from verifier.run.workload import SEED_WORKLOADS, check_fits
 
 REPO = Path(__file__).resolve().parent.parent
 EXT = REPO / "buildroot-external"

@@ -179,6 +179,10 @@ def test_offline_build_with_an_empty_cache_names_what_is_missing(tmp_path):
     (["--parameter", "max-bandwidth=5"], "driven by dirtylog"),
     (["--accel", "kvm", "--machine", "vexpress-a15"], "--accel kvm"),
     (["--tcg-thread", "multi", "--accel", "kvm"], "--tcg-thread applies to --accel tcg only"),
+    # what a host cannot do: refused by verifier.run.hosts.check_hosts before the host is contacted
+    (["--dst-host", "tester@192.0.2.7", "--migration-address", "192.0.2.7", "--capture", "backing-file"],
+     "--capture backing-file: the source runs on localhost under dirtylog's agent"),
+    (["--src-host", "local", "--inject", "corrupt-capture"], "--inject: the source runs on localhost"),
 ])
 @pytest.mark.e2e
 def test_inconsistent_verify_options_are_refused(artifacts, args, expect):
@@ -206,7 +210,7 @@ def test_a_bug_in_dirtylog_is_exit_4_with_its_traceback(tmp_path):
     a, b = tmp_path / "a.img", tmp_path / "b.img"
     a.write_bytes(bytes(8192))
     b.write_bytes(bytes(8192))
-    code = ("import sys, verifier.compare as c\n"
+    code = ("import sys, verifier.analysis.compare as c\n"
             "def boom(*a, **k): raise ZeroDivisionError('simulated bug')\n"
             "c.compare_images = boom\n"
             "from dirtylog.cli import main\n"

@@ -1,11 +1,10 @@
-"""verifier.compare on real files written to tmp_path."""
+"""verifier.analysis.compare on real files written to tmp_path."""
 
 import random
 
 import pytest
 
-from verifier.compare import (CompareResult, compare_images, group_ranges, guest_phys_addr,
-                              read_page_pairs)
+from verifier.analysis.compare import CompareResult, compare_images, group_ranges, guest_phys_addr, read_page_pairs
 from verifier.errors import InputError
 
 PS = 4096

@@ -1,4 +1,4 @@
-"""The CPU-state oracle (verifier.cpustate): RSP framing and compare() without QEMU, and real
+"""The CPU-state oracle (verifier.capture.cpustate): RSP framing and compare() without QEMU, and real
 migrations read through both gdbstubs (e2e).
 
 The e2e tests start QEMU themselves (subprocess, killed in `finally`) with a tiny synchronous
@@ -18,12 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from verifier.cpustate import (
-    CpuStateError, GdbStub, compare, decode_body, escape, frame, load_allowlist,
-    parse_packet, parse_regs, show_value,
-)
+from verifier.capture.cpustate import (CpuStateError, GdbStub, compare, decode_body, escape, frame, load_allowlist, parse_packet, parse_regs, show_value)
 from verifier.errors import VerifyError
-from verifier.qemu import gdb_args
+from verifier.run.qemu import gdb_args
 
 ART = Path("unset")  # the guest artifacts: set by the e2e fixture below from conftest's `artifacts`
 

@@ -1,7 +1,7 @@
-"""verifier.pageheader and verifier.diagnosis on synthesised images with real header bytes.
+"""verifier.analysis.pageheader and verifier.analysis.diagnosis on synthesised images with real header bytes.
 
 The generator below replays dirtyram's main loop literally (pass 0, then strided passes), so
-it is independent of the closed-form write-order model in verifier.pageheader.
+it is independent of the closed-form write-order model in verifier.analysis.pageheader.
 """
 
 import json
@@ -10,11 +10,9 @@ import struct
 
 import pytest
 
-from verifier import pageheader
-from verifier.compare import compare_images
-from verifier.diagnosis import (DUPLICATE, IMPOSSIBLE, LOST_WRITE, MISSING, NEVER_SENT,
-                                NOT_DIRTYRAM, STALE, TORN, TORN_ELSEWHERE, classify_page,
-                                group_diagnoses, analyse, destination_invariant, diagnose, render_text)
+from verifier.analysis import pageheader
+from verifier.analysis.compare import compare_images
+from verifier.analysis.diagnosis import (DUPLICATE, IMPOSSIBLE, LOST_WRITE, MISSING, NEVER_SENT, NOT_DIRTYRAM, STALE, TORN, TORN_ELSEWHERE, classify_page, group_diagnoses, analyse, destination_invariant, diagnose, render_text)
 from verifier.errors import CaptureError
 
 PS = 4096

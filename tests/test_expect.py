@@ -1,11 +1,11 @@
-"""Expected results of matrix scenarios (verifier.expect): unit tests on report.json-shaped trials,
+"""Expected results of matrix scenarios (verifier.analysis.expect): unit tests on report.json-shaped trials,
 and the JUnit/exit code they give. The shipped release scenario runs for real in test_matrix."""
 
 import xml.etree.ElementTree as ET
 
-from verifier import junit
-from verifier.expect import EXPECTED_FAIL, UNEXPECTED_PASS, scenario_status, trial_outcome
-from verifier.matrix import STATUS_EXIT, matrix_exit_code, summarize
+from verifier.reports import junit
+from verifier.analysis.expect import EXPECTED_FAIL, UNEXPECTED_PASS, scenario_status, trial_outcome
+from verifier.matrix.results import STATUS_EXIT, matrix_exit_code, summarize
 
 XFAIL = {"expect": "fail", "expect_finding": "arm-secure-cp15-banks-not-migrated",
          "expect_registers": ["TTBR1_S", "DACR_S"], "trials": 1}

@@ -12,8 +12,9 @@ import pytest
 
 from conftest import REPO, qemu_processes_under, sigint_default
 from verifier.errors import InputError
-from verifier.matrix import (Host, MatrixError, check_fits_host, load_matrix, matrix_exit_code, parse_shard,
-                             shard)
+from verifier.matrix.fit import Host, check_fits_host
+from verifier.matrix.spec import MatrixError, load_matrix, parse_shard, shard
+from verifier.matrix.results import matrix_exit_code
 
 MATRIX_CLI = [sys.executable, "-m", "dirtylog.cli_matrix"]
 
@@ -353,6 +354,12 @@ def test_scenarios_are_checked_against_their_artifacts_before_anything_starts(ar
     m2 = _write(tmp_path, '[[scenario]]\nname = "a"\nqemu = "/nonexistent/qemu-system-arm"\n', name="q.toml")
     res = _run("run", m2, "--artifacts", artifacts, "--run-dir", tmp_path / "run2", timeout=120)
     assert res.returncode == 2 and "scenario 'a'" in res.stderr, res.stderr
+    # what a host cannot do: the same refusal, in the same words, as `dirtylog verify --dst-host` gives
+    m3 = _write(tmp_path, '[[scenario]]\nname = "far"\ncapture = "backing-file"\ndst_host = "tester@192.0.2.7"\n'
+                          'migration_address = "192.0.2.7"\n', name="far.toml")
+    res = _run("run", m3, "--artifacts", artifacts, "--run-dir", tmp_path / "run3", timeout=120)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "scenario 'far'" in res.stderr and "--capture backing-file: the source runs on localhost under" in res.stderr
 
 
 @pytest.mark.e2e

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from verifier.errors import MigrationError
-from verifier.migration import DOWNTIME_STEPS_MS, UNLIMITED_BANDWIDTH, MigrationPolicy, run_migration
-from verifier.remote import HostAuthError, HostKeyError, HostUnreachable, classify_ssh_failure
+from verifier.run.migration import DOWNTIME_STEPS_MS, UNLIMITED_BANDWIDTH, MigrationPolicy, run_migration
+from verifier.run.hosts import HostAuthError, HostKeyError, HostUnreachable, classify_ssh_failure
 
 
 class ScriptedQmp:

@@ -13,10 +13,13 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from verifier import doctor, html_report, junit
+from verifier import doctor
+from verifier.reports import html as html_report
+from verifier.reports import junit
 from verifier.errors import InputError
-from verifier.matrix import MATRIX_SCHEMA, build_report
-from verifier.merge import merge, merged_exit_code
+from verifier.matrix.spec import MATRIX_SCHEMA
+from verifier.matrix.results import build_report
+from verifier.reports.merge import merge, merged_exit_code
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -222,9 +225,9 @@ def test_merge_refuses_different_matrices_and_duplicates(tmp_path):
 # -- schema documentation -------------------------------------------------------------------------
 def test_every_report_field_is_documented(matrix_report):
     from dataclasses import fields
-    from verifier.matrix import ScenarioResult
-    from verifier.report import RunReport, TrialResult
-    from verifier.run import VerifyOptions
+    from verifier.matrix.results import ScenarioResult
+    from verifier.reports.report import RunReport, TrialResult
+    from verifier.run.verify import VerifyOptions
     doc = (REPO / "docs" / "report-schema.md").read_text()
     documented = set(re.findall(r"`([a-z_0-9-]+)`", doc))
     run_keys = {"schema", "verdict", "exit_code", "summary", "run_dir", "command", "started", "finished",

@@ -2,7 +2,7 @@
 
 The `qemu_build` tests build Debian's QEMU 10.0 with our patch once per session (into the
 shared content-addressed cache: a few minutes the first time, a cache hit afterwards) and
-drive real migrations with verifier.qemu / verifier.migration directly, so that one and the same
+drive real migrations with verifier.run.qemu / verifier.run.migration directly, so that one and the same
 migration is captured both ways: QEMU's own -savedirtylog images and the memory-backend-file
 RAM (the source's file in postmigrate, the destination's while it is still paused).
 """
@@ -20,18 +20,14 @@ import pytest
 from builder.cache import Cache
 from builder import qemu_build
 from verifier.artifacts import load_artifacts
-from verifier.compare import compare_images
+from verifier.analysis.compare import compare_images
 from verifier.errors import CaptureError, InputError, VerifyError
-from verifier.migration import MigrationPolicy, run_migration, start_incoming
+from verifier.run.migration import MigrationPolicy, run_migration, start_incoming
 from builder.machines import MACHINES
-from verifier.qemu import GuestConfig, QemuProcess, machine_args, probe_qemu
-from verifier.trial import READY_RE
-from verifier.savedirtylog import (
-    savedirtylog_args,
-    supports_savedirtylog,
-    wait_for_image,
-)
-from verifier.workload import SEED_WORKLOADS, kernel_cmdline_arg
+from verifier.run.qemu import GuestConfig, QemuProcess, machine_args, probe_qemu
+from verifier.run.trial import READY_RE
+from verifier.capture.savedirtylog import savedirtylog_args, supports_savedirtylog, wait_for_image
+from verifier.run.workload import SEED_WORKLOADS, kernel_cmdline_arg
 
 from conftest import pass_or_known_72_loss, qemu_processes_under, run_dirtylog
 

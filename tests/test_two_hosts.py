@@ -22,12 +22,12 @@ import pytest
 from verifier.artifacts import load_artifacts
 from verifier.errors import InputError, MigrationError, QemuError, VerifyError
 from builder.machines import MACHINES
-from verifier.remote import (HostAuthError, HostKeyError, HostSetupError, HostUnreachable, LocalHost,
-                             RemoteImage, SshHost, SshOptions, TwoHosts, compare_remote_images, make_host,
-                             prepare_hosts, qemu_report, run_two_host_trial)
-from verifier.report import TrialResult
-from verifier.run import Reporter, VerifyOptions, _accel_spec
-from verifier.workload import Workload
+from verifier.run.hosts import (HostAuthError, HostKeyError, HostSetupError, HostUnreachable, LocalHost, SshHost, SshOptions, TwoHosts, make_host, prepare_hosts, qemu_report)
+from verifier.analysis.remote_compare import RemoteImage, compare_remote_images
+from verifier.run.sites import run_two_host_trial
+from verifier.reports.report import TrialResult
+from verifier.run.verify import Reporter, VerifyOptions, _accel_spec
+from verifier.run.workload import Workload
 
 pytestmark = pytest.mark.two_hosts
 
@@ -307,8 +307,8 @@ def test_migration_across_namespaces_passes(hosts, artifacts, tmp_path):
 def test_destination_invariant_on_remote_headers_matches_the_whole_image(hosts, tmp_path):
     """The destination host sends the 40-byte dirtyram headers with its digests; the invariant
     checked on them finds exactly what it finds on the whole image."""
-    from verifier.diagnosis import destination_invariant
-    from verifier.pageheader import encode
+    from verifier.analysis.diagnosis import destination_invariant
+    from verifier.analysis.pageheader import encode
     size, total = 4 << 20, 64
     img = bytearray(os.urandom(size))
     for i in range(total):  # one instance, one pass written, page 5 left a generation behind
@@ -387,7 +387,7 @@ def _patched_qemu() -> str | None:
 
 
 def test_savedirtylog_asked_for_without_it_is_refused(hosts):
-    from verifier.remote import resolve_capture
+    from verifier.run.hosts import resolve_capture
     opts = VerifyOptions(capture="savedirtylog")
     with pytest.raises(HostSetupError) as exc:
         resolve_capture(opts, hosts, prepare_hosts(hosts))
@@ -449,7 +449,7 @@ def test_agent_ends_qemu_when_the_heartbeat_stops(tmp_path):
     """A cut control link gives the agent no EOF: silence on stdin for --heartbeat S ends QEMU
     (here `sleep` stands in for QEMU)."""
     import sys
-    from verifier.remote import AGENT_SOURCE
+    from verifier.run.hosts import AGENT_SOURCE
     agent = subprocess.Popen([sys.executable, AGENT_SOURCE, "qemu", "--heartbeat", "2", "--dir", tmp_path, "--",
                               "sleep", "600"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
@@ -530,7 +530,7 @@ def test_short_link_cut_is_survived(state, hosts, artifacts, tmp_path):
 
 
 def test_watchdog_ends_remote_qemu_when_ssh_dies(hosts, artifacts, tmp_path):
-    from verifier.remote import RemoteQemu, short_socket_dir
+    from verifier.run.remote_qemu import RemoteQemu, short_socket_dir
     binaries = prepare_hosts(hosts)
     art = load_artifacts(artifacts)
     kernel, _ = hosts.dst.put_cached(art.kernel)
@@ -555,7 +555,8 @@ def test_watchdog_ends_remote_qemu_when_ssh_dies(hosts, artifacts, tmp_path):
 
 def test_idle_remote_qemu_ends_when_its_control_link_is_cut(state, hosts, artifacts, tmp_path):
     """No migration to break: only the agent (heartbeat) or sshd (ClientAlive) can end it."""
-    from verifier.remote import HEARTBEAT_TIMEOUT_S, RemoteQemu, short_socket_dir
+    from verifier.run.hosts import HEARTBEAT_TIMEOUT_S
+    from verifier.run.remote_qemu import RemoteQemu, short_socket_dir
     binaries = prepare_hosts(hosts)
     kernel, _ = hosts.dst.put_cached(load_artifacts(artifacts).kernel)
     rdir = f"{hosts.dst.base_dir}/runs/ctl-cut"
@@ -630,7 +631,8 @@ def test_cli_verify_across_hosts(state, artifacts, tmp_path):
 
 def test_matrix_host_keys_load_and_reproduce(tmp_path):
     """src_host/dst_host/... are matrix keys (a list is an axis, as for any key)."""
-    from verifier.matrix import MatrixError, load_matrix, reproducer, verify_options
+    from verifier.matrix.spec import MatrixError, load_matrix
+    from verifier.matrix.execute import reproducer, verify_options
     (tmp_path / "ssh").mkdir()
     m = tmp_path / "m.toml"
     m.write_text(f"""
@@ -736,8 +738,9 @@ def test_remote_qemu_ends_when_the_controller_is_killed(state, hosts, artifacts,
     code = f"""
 import sys, time
 from pathlib import Path
-from verifier.remote import RemoteQemu, SshHost, SshOptions, prepare_hosts, short_socket_dir
-from verifier.qemu import QemuBinary
+from verifier.run.remote_qemu import RemoteQemu, short_socket_dir
+from verifier.run.hosts import SshHost, SshOptions, prepare_hosts
+from verifier.run.qemu import QemuBinary
 h = SshHost({DST!r}, SshOptions(identity={str(state / 'ssh' / 'id_ed25519')!r},
             known_hosts={str(state / 'ssh' / 'known_hosts')!r}), base_dir={hosts.dst.base_dir!r})
 b = h.probe_qemu("qemu-system-arm")

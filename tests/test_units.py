@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from dirtylog.cli import _key_values
 from verifier.errors import InputError
-from verifier.matrix import parse_rate as matrix_rate
+from verifier.matrix.spec import parse_rate as matrix_rate
+from verifier.run.options import BY_NAME, KeyValues
 from verifier.units import looks_like_size, parse_bytes, parse_rate
+
+
+def _key_values(items, flag, booleans):
+    """--capability/--parameter values as the option table parses them."""
+    return dict(KeyValues(booleans).parse(i, flag) for i in items)
 
 
 @pytest.mark.parametrize("text, n", [
@@ -32,8 +37,8 @@ def test_rates_take_a_per_second_suffix():
 
 def test_every_surface_uses_the_same_rule():
     """--max-bandwidth, the matrix key and --parameter values agree: 64M is 10^6-based everywhere."""
-    from dirtylog.cli import ByteRate
-    assert ByteRate().convert("64M", None, None) == matrix_rate("64M") == 64_000_000
+    from dirtylog.cli import TableValue
+    assert TableValue(BY_NAME["max_bandwidth"]).convert("64M", None, None) == matrix_rate("64M") == 64_000_000
     assert _key_values(["xbzrle-cache-size=64M"], "--parameter", False) == {"xbzrle-cache-size": 64_000_000}
     assert _key_values(["xbzrle-cache-size=64Mi"], "--parameter", False) == {"xbzrle-cache-size": 64 << 20}
     assert matrix_rate("auto") is None

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from verifier import findings, junit
-from verifier.report import RunReport, TrialResult, checks
+from verifier.analysis import findings
+from verifier.reports import junit
+from verifier.reports.report import RunReport, TrialResult, checks
 
 SECURE_DIFFS = [{"vcpu": v, "register": r, "src": "6a400080", "dst": "00000000"}
                 for v in (0, 1) for r in ("TTBR1_S", "TPIDRPRW_S")] + \

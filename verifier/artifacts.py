@@ -13,8 +13,8 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import InputError
-from .workload import GUEST_RESERVED_MB
+from verifier.errors import InputError
+from verifier.run.workload import GUEST_RESERVED_MB
 
 from builder.manifest import MANIFEST_NAME, MANIFEST_SCHEMA  # noqa: E402 (the one definition)
 

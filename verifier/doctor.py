@@ -46,8 +46,8 @@ def _run(cmd: list[str], timeout: float = 10.0) -> tuple[int, str]:
 
 
 def check_qemu(binary: str, package: str, required: bool) -> Check:
-    from .errors import InputError
-    from .qemu import identify_qemu
+    from verifier.errors import InputError
+    from verifier.run.qemu import identify_qemu
     path = shutil.which(binary)
     if not path:
         return Check(binary, "missing" if required else "info", "not on PATH", required, package)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from .errors import InputError
+from verifier.errors import InputError
 
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]i?)?b?", re.I)
 _RATE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]i?)?b?(?:/s)?", re.I)

@@ -14,8 +14,9 @@ import json
 import os
 from pathlib import Path
 
-from .errors import InputError
-from .matrix import MATRIX_SCHEMA, build_report, matrix_exit_code, matrix_verdict
+from verifier.errors import InputError
+from verifier.matrix.spec import MATRIX_SCHEMA
+from verifier.matrix.results import build_report, matrix_exit_code, matrix_verdict
 
 REPORT_NAME = "matrix-report.json"
 

@@ -14,11 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from verifier.compare import (DEFAULT_PAGE_SIZE, RAM_BASE_VEXPRESS_A15, CompareResult,
-                              guest_phys_addr, read_page_pairs)
+from verifier.analysis.compare import (DEFAULT_PAGE_SIZE, RAM_BASE_VEXPRESS_A15, CompareResult, guest_phys_addr, read_page_pairs)
 from verifier.errors import CaptureError
-from verifier.pageheader import (HEADER_SIZE, PageHeader, decode, encode, infer_dirty,
-                                 last_write, scan_instances, unpack_words, write_at)
+from verifier.analysis.pageheader import (HEADER_SIZE, PageHeader, decode, encode, infer_dirty, last_write, scan_instances, unpack_words, write_at)
 
 STALE = "stale"
 NEVER_SENT = "never-sent"

@@ -10,8 +10,8 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .compare import CompareResult
-from .fsutil import atomic_write
+from verifier.analysis.compare import CompareResult
+from verifier.fsutil import atomic_write
 
 REPORT_SCHEMA = "dirtylog-report/1"
 MAX_RANGES_IN_TEXT = 40
@@ -37,8 +37,8 @@ class TrialResult:
     injection: dict = field(default_factory=dict)
     page_sizes: dict = field(default_factory=dict)
     cmdlines: dict = field(default_factory=dict)
-    cpu_state: dict = field(default_factory=dict)  # verifier.cpustate.compare(), or {"skipped": why}
-    known_findings: list = field(default_factory=list)  # verifier.findings.match() of a failed trial
+    cpu_state: dict = field(default_factory=dict)  # verifier.capture.cpustate.compare(), or {"skipped": why}
+    known_findings: list = field(default_factory=list)  # verifier.analysis.findings.match() of a failed trial
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -57,7 +57,7 @@ def diagnose_trial(trial: TrialResult, result: CompareResult, ram_base: int, inv
     The destination-only invariant reads `invariant_image` (by default the destination image;
     across hosts a sparse image of the page headers; None: not checked).
     """
-    from .diagnosis import analyse, destination_invariant
+    from verifier.analysis.diagnosis import analyse, destination_invariant
     trial.compare = result.to_dict()
     trial.compare["ram_base"] = hex(ram_base)
     analysis = analyse(result, ram_base)
@@ -238,7 +238,7 @@ class RunReport:
             if t.resume and not t.resume.get("ok"):
                 lines.append(f"  destination did not run after resuming: {t.resume.get('detail')}")
             if t.cpu_state.get("differences"):
-                from .cpustate import format_differences
+                from verifier.capture.cpustate import format_differences
                 lines.append("  CPU state differences (register: source, destination):")
                 lines += ["    " + d for d in format_differences(t.cpu_state)]
             for f in t.known_findings:

@@ -12,84 +12,20 @@ import os
 import platform
 import re
 import secrets
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import capture as _capture
-from . import findings as _findings
-from . import remote as _remote
-from .artifacts import GuestArtifacts
-from .errors import InputError, VerifyError
+from verifier.capture import ram as _capture
+from verifier.analysis import findings as _findings
+from verifier.run import hosts as _hosts
+from verifier.artifacts import GuestArtifacts
+from verifier.errors import InputError, VerifyError
 from builder.machines import MACHINES, MACHINES_BY_ARCH
 
-from .qemu import probe_qemu
-from .report import RunReport, TrialResult, checks
-from .trial import HUGEPAGE_KB, LocalSites, run_trial
-from .workload import SEED_WORKLOADS, Workload, check_fits
-
-
-@dataclass
-class VerifyOptions:
-    qemu: str | None = None  # default: the machine's emulator (qemu-system-arm for armv7)
-    smp: int = 2
-    mem_mb: int = 256
-    max_bandwidth: int | None = None
-    workloads: tuple[Workload, ...] = SEED_WORKLOADS
-    trials: int = 1
-    run_dir: Path | None = None
-    capture: str = "auto"
-    transport: str = "unix"
-    migration_address: str = "127.0.0.1"
-    min_passes: int = 4
-    accel: str = "tcg"
-    boot_timeout_s: float = 120.0
-    settle_s: float = 1.0
-    migration_timeout_s: float = 180.0
-    delete_images: bool = False
-    extra_append: str = ""
-    machine: str | None = None  # default: the machine named in the manifest
-    inject: tuple[str, int] | None = None  # ("untracked-writes" | "corrupt-capture", pages) | ("cpu-register", registers)
-    capabilities: dict = field(default_factory=dict)  # migration capabilities, both sides
-    parameters: dict = field(default_factory=dict)  # migration parameters, source
-    postcopy: bool = False
-    tcg_thread: str | None = None  # single | multi (QEMU's default: multi when it can)
-    kvm_dirty_ring: int | None = None  # KVM dirty ring size in entries; None = dirty bitmap
-    guest_cmds: tuple[str, ...] = ()  # typed at the shell prompt of a foreign guest
-    ready_pattern: str | None = None  # what says a foreign guest is ready (default: a shell prompt)
-    seed: int | None = None  # for the random choices of --inject
-    host_backing: str = "auto"  # anon | file | memfd | memfd-hugetlb | thp; auto: file for backing-file capture
-    guest_pages: str = "4k"  # 4k | hugetlb | thp: how dirtyram maps its buffers in the guest
-    machine_opts: str = ""  # extra -machine properties, e.g. secure=off
-    cpu_state: bool = True  # compare every vCPU register through the gdbstubs (--no-cpu-state: False)
-    src_host: str | None = None  # user@host[:port] or "local": run the source there (verifier.remote)
-    dst_host: str | None = None  # user@host[:port] or "local": run the destination there
-    ssh_identity: str | None = None
-    known_hosts: str | None = None
-    remote_dir: str = "/var/tmp/dirtylog-remote"  # run directories and file cache on the hosts
-    dst_qemu: str | None = None  # two-host runs: the destination's QEMU when it is not `qemu`
-    allow_qemu_mismatch: bool = False  # two-host runs: accept QEMUs of different versions
-
-    def check(self, art: GuestArtifacts) -> None:
-        if self.smp < 1 or self.smp > 8:
-            raise InputError(f"--smp {self.smp}: must be between 1 and 8")
-        if self.mem_mb < art.min_mem_mb:
-            raise InputError(f"--mem {self.mem_mb}: these artifacts need at least {art.min_mem_mb} MiB "
-                             f"(the kernel does not boot with less)")
-        if self.trials < 1:
-            raise InputError("--trials must be at least 1")
-        if self.max_bandwidth is not None and self.max_bandwidth <= 0:
-            raise InputError("--max-bandwidth must be a positive number of bytes per second")
-        if self.transport not in ("unix", "tcp"):
-            raise InputError(f"--transport {self.transport}: expected unix or tcp")
-        if self.accel not in ("tcg", "kvm"):
-            raise InputError(f"--accel {self.accel}: expected tcg or kvm")
-        if self.tcg_thread and self.accel != "tcg":
-            raise InputError("--tcg-thread applies to --accel tcg only")
-        if self.kvm_dirty_ring is not None and self.accel != "kvm":
-            raise InputError("--kvm-dirty-ring applies to --accel kvm only")
-        if art.foreign and not self.guest_cmds and self.ready_pattern is None:
-            pass  # a foreign guest is ready at its shell prompt
-        check_fits(self.workloads, self.mem_mb, art.reserved_mb)
+from verifier.run.qemu import probe_qemu
+from verifier.reports.report import RunReport, TrialResult, checks
+from verifier.run.trial import HUGEPAGE_KB, run_trial
+from verifier.run.sites import HostSites, LocalSites
+from verifier.run.options import VerifyOptions
 
 
 def default_run_dir() -> Path:
@@ -110,37 +46,38 @@ class Reporter:
         pass
 
 
-def verify(art: GuestArtifacts, opts: VerifyOptions, reporter: Reporter | None = None) -> RunReport:
-    reporter = reporter or Reporter()
+def check_plan(art: GuestArtifacts, opts: VerifyOptions, machine_words: str = "--machine",
+               artifacts_words: str = "these artifacts"):
+    """The plan against these artifacts: options, and the machine that runs them. Returns the Machine.
+    (A matrix names its key and the artifacts' directory instead of the option.)"""
     opts.check(art)
     machine = MACHINES.get(opts.machine or art.machine)
     if machine is None:
         raise InputError(f"machine {opts.machine or art.machine!r} is not supported (known: {', '.join(MACHINES)})")
     if machine.arch != art.arch:
         fits = ", ".join(m.name for m in MACHINES_BY_ARCH.get(art.arch, []))
-        raise InputError(f"--machine {machine.name} runs {machine.arch} guests; these artifacts are {art.arch}"
+        raise InputError(f"{machine_words} {machine.name} runs {machine.arch} guests; {artifacts_words} are {art.arch}"
                          + (f" (use --machine {fits})" if fits else ""))
+    return machine
+
+
+def verify(art: GuestArtifacts, opts: VerifyOptions, reporter: Reporter | None = None) -> RunReport:
+    reporter = reporter or Reporter()
+    machine = check_plan(art, opts)
     default_note = _faithful_machine_opts(opts, machine)
     if default_note:
         reporter.step(default_note)
-    hosts = None
-    if _remote.remote_requested(opts):
-        _remote.check_remote_options(opts)
-        hosts = _remote.hosts_from_options(opts, machine)
-        binaries = _remote.prepare_hosts(hosts)  # typed errors: unreachable, host key, auth, no QEMU
-        qemu, capture = binaries["src"], _remote.resolve_capture(opts, hosts, binaries)
-        opts.host_backing = "anon" if opts.host_backing == "auto" else opts.host_backing
-        sites = _remote.HostSites(hosts, binaries, capture)
-    else:
-        if opts.dst_qemu or opts.allow_qemu_mismatch:
-            raise InputError("--dst-qemu and --allow-qemu-mismatch apply to runs with --src-host/--dst-host "
-                             "(two QEMUs on this machine: --src-host local --dst-host local)")
+    hosts = _hosts.hosts_from_options(opts, machine)
+    _hosts.check_hosts(opts, hosts)  # what a host cannot do, refused in one place
+    if hosts.direct:
         qemu = probe_qemu(opts.qemu or machine.qemu_binary)
-        capture = _capture.choose(opts.capture, qemu, postcopy=opts.postcopy, host_backing=opts.host_backing)
-        opts.host_backing = "file" if capture == "backing-file" else (
-            "anon" if opts.host_backing == "auto" else opts.host_backing)
-        check_host_backing(opts)
+        capture = local_capture(opts, qemu)
         sites = LocalSites(qemu, capture)
+    else:
+        binaries = _hosts.prepare_hosts(hosts)  # typed errors: unreachable, host key, auth, no QEMU
+        qemu, capture = binaries["src"], _hosts.resolve_capture(opts, hosts, binaries)
+        opts.host_backing = "anon" if opts.host_backing == "auto" else opts.host_backing
+        sites = HostSites(hosts, binaries, capture)
     if opts.inject and opts.inject[0] == "cpu-register" and not opts.cpu_state:
         raise InputError("--inject cpu-register plants a register difference for the CPU-state comparison: "
                          "it cannot be combined with --no-cpu-state")
@@ -156,8 +93,8 @@ def verify(art: GuestArtifacts, opts: VerifyOptions, reporter: Reporter | None =
     report = RunReport.start(run_dir, opts, art, qemu, machine, capture)
     if default_note:
         report.notes.append(default_note)
-    if hosts is not None:
-        report.qemu.update(_remote.qemu_report(hosts, sites.binaries))  # both hosts' QEMUs
+    if not hosts.direct:
+        report.qemu.update(_hosts.qemu_report(hosts, sites.binaries))  # both hosts' QEMUs
     reporter.step(f"run directory {run_dir}")
     try:
         for index in range(1, opts.trials + 1):
@@ -200,6 +137,16 @@ def _faithful_machine_opts(opts: VerifyOptions, machine) -> str:
         return ""
     opts.machine_opts = ",".join(o for o in (opts.machine_opts, "secure=off") if o)
     return SECURE_DEFAULT_NOTE
+
+
+def local_capture(opts: VerifyOptions, qemu) -> str:
+    """The capture method for QEMUs on this machine (sets opts.host_backing to what backs RAM),
+    refusing huge pages the host cannot give."""
+    capture = _capture.choose(opts.capture, qemu, postcopy=opts.postcopy, host_backing=opts.host_backing)
+    opts.host_backing = "file" if capture == "backing-file" else (
+        "anon" if opts.host_backing == "auto" else opts.host_backing)
+    check_host_backing(opts)
+    return capture
 
 
 def check_host_backing(opts: VerifyOptions) -> None:

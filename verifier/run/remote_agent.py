@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""dirtylog's agent on a remote host (copied there by verifier.remote and run with its python3).
+"""dirtylog's agent on a remote host (copied there by verifier.run.hosts and run with its python3).
 
 Standard library only, Python 3.6+: it must run on whatever python3 the remote host has.
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 from pathlib import Path
 
-from .errors import InputError, MigrationError, QemuError
-from .qemu import QemuProcess
+from verifier.errors import InputError, MigrationError, QemuError
+from verifier.run.qemu import QemuProcess
 
 MiB = 1024 * 1024
 UNLIMITED_BANDWIDTH = 100 * 1024 * MiB  # bytes/s; far above what a local migration reaches

@@ -27,7 +27,7 @@ from qemu.qmp.qmp_client import ExecuteError
 
 from builder.machines import MIN_QEMU_VERSION, Machine, parse_qemu_version
 
-from .errors import InputError, QemuError
+from verifier.errors import InputError, QemuError
 
 QMP_TIMEOUT_S = 60.0
 
@@ -209,7 +209,7 @@ class QemuProcess:
                  gdb: bool = False):
         self.binary = binary
         self.args = args
-        self.gdb = gdb  # a gdbstub on a unix socket (verifier.cpustate reads the CPU state there)
+        self.gdb = gdb  # a gdbstub on a unix socket (verifier.capture.cpustate reads the CPU state there)
         self.gdb_path: Path | None = workdir / f"gdb-{name}.sock" if gdb else None
         self.workdir = workdir
         self.name = name

@@ -16,9 +16,9 @@ import os
 import shutil
 from pathlib import Path
 
-from .errors import CaptureError, InputError
-from .qemu import QemuBinary, QemuProcess
-from .savedirtylog import savedirtylog_args, supports_savedirtylog, wait_for_image
+from verifier.errors import CaptureError, InputError
+from verifier.run.qemu import QemuBinary, QemuProcess
+from verifier.capture.savedirtylog import savedirtylog_args, supports_savedirtylog, wait_for_image
 
 METHODS = ("savedirtylog", "backing-file", "pmemsave")
 IMAGE_NAMES = {"src": "ram-src.img", "dst": "ram-dst.img"}

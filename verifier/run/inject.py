@@ -7,7 +7,7 @@
 - corrupt-capture: bytes flipped in the destination's captured image; the comparison must name
   exactly those pages.
 
-Run as `python -m verifier.inject IMAGE NONCE PAGE...` it is the separate writer process.
+Run as `python -m verifier.run.inject IMAGE NONCE PAGE...` it is the separate writer process.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .errors import CaptureError, InputError
+from verifier.errors import CaptureError, InputError
 
 PAGE_SIZE = 4096
 MARKER_OFFSET = 2048  # middle of the page: never where dirtyram's header lives
@@ -54,7 +54,7 @@ def parse_inject(text: str | None) -> tuple[str, int] | None:
 
 def plant_registers(stub, arch: str, n: int) -> list[dict]:
     """Flip the low byte of n callee-saved registers of vCPU 0 through `stub` (a connected
-    verifier.cpustate.GdbStub of a stopped VM). Returns [{vcpu, register, regnum, original}]
+    verifier.capture.cpustate.GdbStub of a stopped VM). Returns [{vcpu, register, regnum, original}]
     for restore_registers()."""
     tid = stub.thread_ids()[0]
     stub.select(tid)
@@ -105,7 +105,7 @@ def choose_zero_pages(image: Path, n: int, rng: random.Random) -> list[int]:
 
 def write_untracked(image: Path, pages: list[int], nonce: str) -> None:
     """Write the markers from a separate process, as any other host program could."""
-    proc = subprocess.run([sys.executable, "-m", "verifier.inject", str(image), nonce, *map(str, pages)],
+    proc = subprocess.run([sys.executable, "-m", "verifier.run.inject", str(image), nonce, *map(str, pages)],
                           capture_output=True, text=True, timeout=60)
     if proc.returncode != 0:
         raise CaptureError(f"the injecting process failed: {proc.stderr.strip()[-300:]}")

@@ -1,6 +1,6 @@
 """A CPU-state oracle read through QEMU's gdbstub, independent of migration's serialization.
 
-QEMU is started with `verifier.qemu.gdb_args("gdb-src.sock")` (a unix socket in its working directory). After a
+QEMU is started with `verifier.run.qemu.gdb_args("gdb-src.sock")` (a unix socket in its working directory). After a
 migration, with both VMs stopped (source `postmigrate`, destination `paused`), `GdbStub` reads
 every register the stub describes in its target description, for every vCPU, and `compare()`
 says which registers differ between source and destination, minus an allowlist of registers
@@ -36,7 +36,7 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from .errors import VerifyError
+from verifier.errors import VerifyError
 
 UNAVAILABLE = "unavailable"
 DEFAULT_TIMEOUT_S = 10.0

@@ -38,7 +38,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from .errors import CaptureError, InputError
+from verifier.errors import CaptureError, InputError
 
 __all__ = ["OPTION", "supports_savedirtylog", "savedirtylog_args", "wait_for_image",
            "DEFAULT_SOURCE_IMAGE", "DEFAULT_DESTINATION_IMAGE"]

@@ -15,8 +15,8 @@ import io
 import json
 from pathlib import Path
 
-from .expect import summary_words
-from .fsutil import atomic_write
+from verifier.analysis.expect import summary_words
+from verifier.fsutil import atomic_write
 
 PAGE = 4096
 MAP_COLUMNS = 256  # pages per row of the memory map: 1 MiB
@@ -200,7 +200,7 @@ def _kv_table(d: dict, unit: str = "") -> str:
 
 def _checks_row(t: dict) -> str:
     """The trial's three verdicts side by side: memory, CPU state, liveness."""
-    from .report import CHECK_LABELS, checks
+    from verifier.reports.report import CHECK_LABELS, checks
     cells = []
     for name, c in checks(t).items():
         cls = {True: "ok", False: "bad"}.get(c["ok"], "na")
@@ -267,7 +267,7 @@ def render(matrix_report: dict, title: str = "dirtylog matrix report") -> str:
 
 
 def _scenario_html(sc: dict) -> str:
-    from .junit import trial_text
+    from verifier.reports.junit import trial_text
     rep = sc.get("report") or {}
     out = [f"<h2 id=\"{_anchor(sc['name'])}\">{_e(sc['name'])} {_status(sc['status'])}</h2>",
            f"<p>reproducer:</p><pre>{_e(rep.get('command') or sc.get('command'))}</pre>"]

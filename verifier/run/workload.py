@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .errors import InputError
+from verifier.errors import InputError
 
 PAGE_SIZE = 4096
 # What the guest kernel, its page cache and the unpacked initramfs need besides the workloads.

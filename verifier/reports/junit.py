@@ -4,7 +4,7 @@ One <testsuite> per matrix (name "dirtylog"), one <testcase> per scenario trial:
 classname = the scenario's name, name = "trial-N". A FAIL trial carries <failure> with the
 diagnosis text; an infrastructure error (QEMU crashed, migration did not converge, ...) is an
 <error>; trials never run (an earlier trial's error, an interrupted matrix) are <skipped>.
-A scenario with expect = "fail" (verifier.expect): a trial that failed as expected is <skipped
+A scenario with expect = "fail" (verifier.analysis.expect): a trial that failed as expected is <skipped
 type="dirtylog.expected-fail"> (pytest's xfail), one that passed or failed otherwise a <failure>
 whose message says what was expected.
 """
@@ -16,8 +16,8 @@ import socket
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from .expect import EXPECTED_FAIL, UNEXPECTED_PASS, trial_outcome
-from .fsutil import atomic_write
+from verifier.analysis.expect import EXPECTED_FAIL, UNEXPECTED_PASS, trial_outcome
+from verifier.fsutil import atomic_write
 
 _BAD_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 MAX_TEXT = 60_000
@@ -30,8 +30,8 @@ def _clean(text: str) -> str:
 
 def trial_text(t: dict) -> str:
     """The diagnosis of one trial as it reads in report.txt."""
-    from .cpustate import format_differences
-    from .report import checks
+    from verifier.capture.cpustate import format_differences
+    from verifier.reports.report import checks
     lines = ["; ".join(x["text"] for x in checks(t).values())]
     c = t.get("compare") or {}
     if c:

@@ -3,8 +3,8 @@
 boot the source under load -> settle -> migrate -> capture both sides -> read both CPU states
 -> close the source, resume the destination -> compare -> diagnose.
 
-Where the two QEMUs run is a `Sites` object: `LocalSites` (both on this machine, every capture
-method) or `verifier.remote.HostSites` (a source and a destination `Host`, local or over ssh).
+Where the two QEMUs run is a `Sites` object (verifier.run.sites): `LocalSites` (both on this machine, every capture
+method) or `verifier.run.sites.HostSites` (a source and a destination `Host`, local or over ssh).
 A Sites decides what differs by place — how the guest's files reach the QEMU, the migration URI,
 how RAM is captured and compared — and nothing else; every step and every check is here, once.
 """
@@ -16,19 +16,18 @@ import json
 import random
 import re
 import secrets
-import socket
 import time
 from pathlib import Path
 
-from . import capture as _capture
-from . import cpustate as _cpustate
-from . import inject as _inject
-from .compare import CompareResult, compare_images
-from .errors import MigrationError, QemuError, VerifyError
-from .migration import MigrationPolicy, check_supported, run_migration, start_incoming
-from .qemu import GuestConfig, QemuBinary, QemuProcess, machine_args
-from .report import TrialResult, diagnose_trial
-from .workload import kernel_cmdline_arg
+from verifier.capture import ram as _capture
+from verifier.capture import cpustate as _cpustate
+from verifier.run import inject as _inject
+from verifier.analysis.compare import CompareResult
+from verifier.errors import MigrationError, QemuError, VerifyError
+from verifier.run.migration import MigrationPolicy, check_supported, run_migration, start_incoming
+from verifier.run.qemu import GuestConfig, QemuBinary, QemuProcess, machine_args
+from verifier.reports.report import TrialResult
+from verifier.run.workload import kernel_cmdline_arg
 
 RESUME_TIMEOUT_S = 20.0
 READY_RE = r"DIRTYLOG-READY n=(\d+)|DIRTYLOG-FAILED[^\r\n]*|Kernel panic[^\r\n]*"
@@ -90,46 +89,6 @@ class Sites:
 
     def release(self) -> None:
         """Called last in every trial, whatever happened."""
-
-
-class LocalSites(Sites):
-    """Source and destination on this machine, one QEMU binary, any capture method."""
-
-    def __init__(self, qemu: QemuBinary, capture: str):
-        self.binaries = {"src": qemu, "dst": qemu}
-        self.capture = capture
-
-    def guest_files(self, side, art, machine):
-        return {"kernel": art.kernel.resolve(), "initrd": art.initrd.resolve(),
-                "dtb": art.dtb.resolve() if art.dtb and machine.needs_dtb else None}
-
-    def ram_file(self, side):
-        return f"{side}.ram" if self.capture == "backing-file" else None
-
-    def migration_uri(self, opts):
-        if opts.transport == "unix":
-            return "unix:migrate.sock"  # relative to the trial directory, the QEMUs' working directory
-        return f"tcp:{opts.migration_address}:{_free_tcp_port(opts.migration_address)}"
-
-    def qemu(self, side, args, tdir, reporter, gdb):
-        return QemuProcess(self.binaries[side], args, tdir, side, on_qmp=reporter.detail, gdb=gdb)
-
-    def capture_images(self, src, dst, tdir, ram_base, mem_mb):
-        return _capture.capture(self.capture, src, dst, tdir, ram_base, mem_mb)
-
-    def compare(self, trial, images, mem_mb, ram_base, tdir):
-        result = compare_images(images["src"], images["dst"])
-        diagnose_trial(trial, result, ram_base)
-        return result
-
-    def after_resume(self, tdir):
-        _capture.cleanup(self.capture, tdir)
-
-
-def _free_tcp_port(address: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((address, 0))
-        return s.getsockname()[1]
 
 
 def kernel_append(machine, opts) -> str:

@@ -1,0 +1,2 @@
+"""Matrices: the TOML file and its scenarios (spec), whether they fit this host (fit), running them
+(execute) and their results (results)."""

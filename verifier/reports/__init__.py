@@ -1,0 +1,2 @@
+"""Reports: the run's report and its text and JSON (report), JUnit XML (junit), HTML (html), and
+merging matrix shards (merge)."""
