@@ -31,10 +31,12 @@ setup-podman: setup-docker
 test: setup setup-docker setup-podman
 	$(PY) -m pytest -v -rs
 	PYTHON=$(PY) bash scripts/check-setup.sh .ci-state
+	PYTHON=$(PY) bash scripts/test-fast.sh
 
-# Unit tests only (no guest boots, no containers).
+# Unit tests only: no guest boots, no containers, no network, no cross-compilers, no root (as root it
+# proves so: scripts/test-fast.sh runs them without network, cross-compilers or capabilities).
 test-fast: setup
-	$(PY) -m pytest -v -rs -m "not e2e and not container and not qemu_build"
+	PYTHON=$(PY) bash scripts/test-fast.sh
 
 test-container: setup-docker setup-podman
 	$(PY) -m pytest -v -rs -m container

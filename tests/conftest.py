@@ -93,6 +93,24 @@ def qemu_processes_under(path: Path) -> list[str]:
     return found
 
 
+# Fixtures that build guest artifacts or QEMU first (downloads, cross-compilers, minutes): a test
+# that uses one is marked `build` and is not one of `make test-fast`'s unit tests.
+BUILD_FIXTURES = {"artifacts", "e2e_env", "patched_qemu", "guest", "built", "warm_image", "hosts", "mixed_hosts",
+                  "state", "debian_qemu72"}
+
+
+# Fixtures that compile with a cross-compiler: their tests are marked `cross`.
+CROSS_FIXTURES = {"armhf_static", "armhf", "arm_bin"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if BUILD_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.build)
+        if CROSS_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.cross)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """DIRTYLOG_NO_SKIPS=1 (scripts/check-setup.sh): a skip is a failure, so a program a test needs

@@ -669,6 +669,7 @@ def _real_mirror() -> str | None:
 @pytest.mark.skipif(_real_mirror() is None, reason="no bookworm mirror in the apt configuration")
 @pytest.mark.skipif(not Path("/usr/share/keyrings/debian-archive-keyring.gpg").is_file(),
                     reason="debian-archive-keyring not installed")
+@pytest.mark.network
 def test_network_real_lock_pins_authenticate(tmp_path):
     lock = load_lock()
     a = Archive(_real_mirror(), lock.suite, Cache(tmp_path / "cache"), progress=False)

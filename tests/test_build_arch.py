@@ -99,6 +99,7 @@ def test_rebuild_is_byte_identical(built, tmp_path):
     assert {f["name"]: f["sha256"] for f in second["files"]} == {f["name"]: f["sha256"] for f in manifest["files"]}
 
 
+@pytest.mark.build
 def test_building_another_arch_into_the_same_dir_drops_the_old_files(tmp_path):
     out = tmp_path / "out"
     build_artifacts(out, arch="armv7", offline=True)
@@ -121,6 +122,7 @@ BOOT = {
 }
 
 
+@pytest.mark.build
 @pytest.mark.parametrize("arch", sorted(BOOT))
 def test_guest_boots_to_the_ready_marker_at_min_mem(arch, tmp_path):
     qemu = BOOT[arch][0]

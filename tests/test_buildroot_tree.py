@@ -653,6 +653,7 @@ def test_host_toolchain_prefix_follows_the_defconfig_architecture():
 @pytest.mark.skipif(not Path("/usr/bin/arm-linux-gnueabihf-gcc").exists() or
                     not Path("/usr/arm-linux-gnueabihf/lib/libc.a").exists(),
                     reason="Debian's armhf cross-compiler (gcc-arm-linux-gnueabihf) is not installed")
+@pytest.mark.cross
 def test_host_toolchain_wrapper_passes_buildroots_checks_and_compiles_dirtyram(tmp_path):
     tc = buildroot.make_host_toolchain(tmp_path / "tc", "arm-linux-gnueabihf")
     gcc = tc / "bin" / "arm-linux-gnueabihf-gcc"

@@ -70,6 +70,7 @@ def test_verbose_listing_types_modes_owner_and_device():
     assert "Nov 14  2023" in lines["init"]
 
 
+@pytest.mark.root
 def test_extract_contents_modes_links_mtimes(tmp_path):
     _cpio(["-idm", "--no-absolute-filenames", "--quiet"], _archive(), cwd=tmp_path)
     assert (tmp_path / "bin/busybox").read_bytes() == b"\x7fELF fake busybox"

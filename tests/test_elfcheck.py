@@ -11,6 +11,8 @@ from builder.dirtyram import build_dirtyram, compiler_version
 from builder.elfcheck import check_armv7_static_hardfloat, check_elf, check_elf_bytes
 from builder.errors import BuildError, BuildInputError, ToolMissingError
 
+pytestmark = pytest.mark.cross  # every test but two compiles with a cross-compiler
+
 REPO = Path(__file__).resolve().parent.parent
 HELLO = "int main(void) { return 0; }\n"
 

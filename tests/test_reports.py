@@ -245,6 +245,7 @@ def test_every_report_field_is_documented(matrix_report):
 
 
 # -- doctor -------------------------------------------------------------------------------------
+@pytest.mark.cross
 def test_doctor_reports_this_host_ready():
     res = subprocess.run([sys.executable, "-m", "dirtylog.cli_matrix", "doctor"], capture_output=True, text=True,
                          cwd=REPO, timeout=120)
