@@ -18,12 +18,12 @@ import tempfile
 from pathlib import Path
 
 from .archive import extract_members
-from .cache import Cache, sha256_file
+from .cache import Cache
 from .dirtyram import build_dirtyram, compiler_version
 from .errors import BuildInputError
 from .initrd import DIRTYRAM_PATH, build_initrd
 from .machines import MACHINES
-from .manifest import MANIFEST_SCHEMA, manifest_text
+from .manifest import MANIFEST_SCHEMA, file_entries, manifest_text
 from .lock import ARCH_LOCKS, DEFAULT_LOCK_PATH, fetch_pinned, load_lock, lock_path_for
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -157,9 +157,7 @@ def build_artifacts(out: Path, *, arch: str = "armv7", offline: bool = False, mi
         build_initrd(staging / spec.initrd, busybox=busybox, dirtyram=dirtyram.read_bytes(),
                      init_script=INIT_SCRIPT.read_bytes(), mtime=epoch, arch=arch)
         roles = spec.artifact_roles
-        files = [{"name": name, "role": role, "sha256": sha256_file(staging / name),
-                  "size": (staging / name).stat().st_size}
-                 for name, role in roles.items()]
+        files = file_entries(staging, roles)
         reproducer = "dirtylog build" + ("" if arch == "armv7" else f" --arch {arch}")
         manifest = {
             "schema": MANIFEST_SCHEMA,

@@ -230,3 +230,15 @@ def test_readme_synopsis_names_every_option_of_every_command():
             if longs and p.name != "help" and not any(re.search(re.escape(o) + r"\b", synopsis) for o in longs):
                 missing.append(f"{name} {longs[0]}")
     assert missing == []
+
+
+def test_one_manifest_writer():
+    """Only builder/manifest.py serialises a manifest: no other code names the schema, and the
+    Buildroot post-image script hands its facts to it instead of printing JSON itself."""
+    import subprocess
+    files = subprocess.run(["git", "ls-files", "*.py", "*.sh"], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout.split()
+    naming = [f for f in files if not f.startswith("tests/") and "dirtylog-artifacts/1" in (ROOT / f).read_text()]
+    assert naming == ["builder/manifest.py"]
+    post_image = (ROOT / "buildroot-external" / "board" / "dirtylog" / "post-image.sh").read_text()
+    assert "python3 -m builder.manifest buildroot" in post_image and "printf '{" not in post_image

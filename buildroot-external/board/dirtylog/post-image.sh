@@ -1,11 +1,11 @@
 #!/bin/sh
 # Buildroot post-image script: publishes the dirtylog guest artifacts under their
-# dirtylog names and writes manifest.json (schema dirtylog-artifacts/1, as
+# dirtylog names and has builder/manifest.py write manifest.json (the same schema as
 # builder/build.py writes it) into BINARIES_DIR/dirtylog/.
 #
 # Usage (by Buildroot): post-image.sh BINARIES_DIR ARCH     ARCH: armv7 | aarch64
 # Environment (exported by Buildroot): BR2_CONFIG, TARGET_DIR, HOST_DIR, BR2_VERSION,
-# SOURCE_DATE_EPOCH (with BR2_REPRODUCIBLE=y). Needs only sh, sha256sum, sed.
+# SOURCE_DATE_EPOCH (with BR2_REPRODUCIBLE=y). Needs sh, sed and python3 (which Buildroot itself needs).
 set -eu
 
 binaries_dir=$1
@@ -47,11 +47,6 @@ config_value() {
 	sed -n "s/^$1=\"\{0,1\}\([^\"]*\)\"\{0,1\}\$/\1/p" "$config" | tail -n 1
 }
 
-# A JSON string literal (the values here never hold control characters).
-json_str() {
-	printf '"%s"' "$(printf '%s' "$1" | sed -e 's/\\/\\\\/g' -e 's/"/\\"/g')"
-}
-
 stage="$binaries_dir/dirtylog.new"
 final="$binaries_dir/dirtylog"
 rm -rf "$stage"
@@ -68,13 +63,6 @@ publish "$binaries_dir/$kernel_src" "$kernel"
 [ -z "$dtb" ] || publish "$binaries_dir/$dtb_src" "$dtb"
 publish "$binaries_dir/$initrd_src" "$initrd"
 publish "$target_dir$workload_path" "$workload"
-
-file_entry() {  # NAME ROLE
-	sum=$(sha256sum "$stage/$1" | cut -d' ' -f1)
-	size=$(wc -c <"$stage/$1" | tr -d ' ')
-	printf '    {\n      "name": %s,\n      "role": %s,\n      "sha256": "%s",\n      "size": %s\n    }' \
-		"$(json_str "$1")" "$(json_str "$2")" "$sum" "$size"
-}
 
 defconfig=$(basename "$(config_value BR2_DEFCONFIG)" 2>/dev/null || true)
 kernel_version=$(config_value BR2_LINUX_KERNEL_VERSION)  # "custom" for a custom tarball
@@ -100,49 +88,16 @@ br_version=${BR2_VERSION:-unknown}
 br_dir=$(pwd)  # Buildroot runs this script from its top directory
 build_dir=$(dirname "$config")
 
-null_or_str() { if [ -n "$1" ]; then json_str "$1"; else printf null; fi; }
-
-{
-	printf '{\n'
-	printf '  "schema": "dirtylog-artifacts/1",\n'
-	printf '  "engine": "buildroot",\n'
-	printf '  "runtime": "host",\n'
-	printf '  "arch": %s,\n' "$(json_str "$arch")"
-	printf '  "guest": {\n'
-	printf '    "machine": %s,\n' "$(json_str "$machine")"
-	printf '    "min_mem_mb": %s,\n' "$min_mem_mb"
-	printf '    "reserved_mb": %s,\n' "$reserved_mb"
-	printf '    "console": %s,\n' "$(json_str "$console")"
-	printf '    "workload_cmdline_key": "dirtylog.workload",\n'
-	printf '    "page_header_format": 1,\n'
-	printf '    "workload_path": %s,\n' "$(json_str "$workload_path")"
-	printf '    "kernel_format": %s\n' "$(json_str "$kernel_format")"
-	printf '  },\n'
-	printf '  "files": [\n'
-	file_entry "$kernel" kernel
-	[ -z "$dtb" ] || { printf ',\n'; file_entry "$dtb" dtb; }
-	printf ',\n'; file_entry "$initrd" initrd
-	printf ',\n'; file_entry "$workload" workload
-	printf '\n  ],\n'
-	printf '  "sources": {\n'
-	printf '    "buildroot": {\n      "version": %s\n    },\n' "$(json_str "$br_version")"
-	printf '    "defconfig": %s,\n' "$(null_or_str "$defconfig")"
-	printf '    "kernel": {\n      "version": %s,\n      "release": %s,\n      "tarball": %s\n    },\n' \
-		"$(null_or_str "$kernel_version")" "$(null_or_str "$kernel_release")" \
-		"$(null_or_str "${kernel_tarball##*/}")"
-	printf '    "toolchain": %s,\n' "$(json_str "$toolchain")"
-	printf '    "br2_external": "buildroot-external",\n'
-	printf '    "dirtyram_src": "dirtyram-src",\n'
-	printf '    "dirtylog_git_commit": %s\n' "$(null_or_str "$git_commit")"
-	printf '  },\n'
-	printf '  "tools": {\n'
-	printf '    "cross_compiler": %s,\n' "$(null_or_str "$compiler")"
-	printf '    "host": %s\n' "$(json_str "$(uname -s) $(uname -m)")"
-	printf '  },\n'
-	printf '  "source_date_epoch": %s,\n' "${epoch:-null}"
-	printf '  "reproducer": %s\n' "$(json_str "make -C $br_dir O=$build_dir BR2_EXTERNAL=$external ${defconfig:-<defconfig>} && make -C $build_dir")"
-	printf '}\n'
-} >"$stage/manifest.json"
+# The manifest itself is written by dirtylog's one manifest writer (builder/manifest.py, standard
+# library only); this script only gathers the facts.
+PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" python3 -m builder.manifest buildroot "$stage" \
+	arch="$arch" machine="$machine" min_mem_mb="$min_mem_mb" reserved_mb="$reserved_mb" \
+	console="$console" workload_path="$workload_path" kernel_format="$kernel_format" \
+	kernel="$kernel" dtb="$dtb" initrd="$initrd" workload="$workload" \
+	br_version="$br_version" defconfig="$defconfig" kernel_version="$kernel_version" \
+	kernel_release="$kernel_release" kernel_tarball="$kernel_tarball" toolchain="$toolchain" \
+	git_commit="$git_commit" compiler="$compiler" host="$(uname -s) $(uname -m)" epoch="$epoch" \
+	reproducer="make -C $br_dir O=$build_dir BR2_EXTERNAL=$external ${defconfig:-<defconfig>} && make -C $build_dir"
 
 rm -rf "$final"
 mv "$stage" "$final"
