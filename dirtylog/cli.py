@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from dirtylog.cli_matrix import register as _register_matrix_commands
+from dirtylog.cli_stream import register as _register_stream_command
 
 from dirtylog.console import EXIT_DIFFERENCES, EXIT_INFRA, EXIT_PASS, Console, fail as _fail, run_main
 
@@ -326,6 +327,7 @@ def compare(console, image_a, image_b, page_size, ram_base, json_path):
 
 
 _register_matrix_commands(cli)
+_register_stream_command(cli)
 
 
 def main(argv=None) -> None:
