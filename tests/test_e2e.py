@@ -103,6 +103,10 @@ def test_multithreaded_tcg_with_limited_bandwidth_is_reported_as_stale_pages(art
                 assert int(d["start"], 16) >= 0x40000000
             stale = [d for d in t["differences"] if d["diagnosis"] == "stale"]
             assert all(d["lag_min"] >= 1 and d["instance_id"] in (1, 2, 3) for d in stale), stale
+            # the stream says where: the destination holds the last copy sent, an older one (dirty bit lost)
+            assert all(d["provenance"]["classes"] == {"not-resent": d["pages"]} for d in stale), \
+                [d.get("provenance") for d in stale]
+            assert all("last sent in iteration" in d["provenance"]["text"] for d in stale)
         if "stale" in all_kinds:
             break
     assert "stale" in all_kinds, all_kinds

@@ -101,3 +101,11 @@ def test_bad_command_line_values_are_usage_errors():
         _parse(["--capability", "multifd"])
     with pytest.raises(click.BadParameter, match="not a byte rate"):
         _parse(["--max-bandwidth", "fast"])
+
+
+def test_every_matrix_key_is_documented():
+    """docs/report-schema.md's table of scenario keys names every key the table makes."""
+    doc = (REPO / "docs" / "report-schema.md").read_text()
+    rows = {k for line in doc.splitlines() if line.startswith("| `") for k in
+            __import__("re").findall(r"`([a-z_]+)`", line.split("|")[1])}
+    assert set(KEYS) - {"name", "artifacts"} - rows == set()

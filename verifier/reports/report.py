@@ -39,6 +39,7 @@ class TrialResult:
     cmdlines: dict = field(default_factory=dict)
     cpu_state: dict = field(default_factory=dict)  # verifier.capture.cpustate.compare(), or {"skipped": why}
     known_findings: list = field(default_factory=list)  # verifier.analysis.findings.match() of a failed trial
+    stream: dict = field(default_factory=dict)  # the tap's channels and summary, and the provenance of differing pages
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -256,9 +257,13 @@ class RunReport:
             counts = t.compare.get("diagnosis_counts") if t.compare else None
             if counts:
                 lines.append("  diagnosis: " + ", ".join(f"{n} {k}" for k, n in counts.items()))
+            if t.stream:
+                lines.append("  stream: " + _stream_text(t.stream))
             shown = t.differences[:MAX_RANGES_IN_TEXT]
             for r in shown:
                 lines.append("  " + r["text"])
+                if r.get("provenance"):
+                    lines.append("    " + r["provenance"]["text"])
             if len(t.differences) > len(shown):
                 lines.append(f"  ... {len(t.differences) - len(shown)} more ranges in report.json")
             for f in t.destination_invariant[:10]:
@@ -266,6 +271,22 @@ class RunReport:
             if len(t.destination_invariant) > 10:
                 lines.append(f"  ... {len(t.destination_invariant) - 10} more destination-only findings in report.json")
         return "\n".join(lines) + "\n"
+
+
+def _stream_text(st: dict) -> str:
+    """One line: what the tap saw, and the provenance classes of the differing pages."""
+    if st.get("skipped"):
+        return f"not recorded ({st['skipped']})"
+    chans = st.get("channels", [])
+    text = (f"{len(chans)} channel{'s' if len(chans) != 1 else ''} "
+            f"({', '.join(c['name'] for c in chans)}), {sum(c['bytes'] for c in chans) / 1e6:.1f} MB, "
+            f"{st.get('ledger', {}).get('iterations', 0)} iterations")
+    if st.get("errors"):
+        text += "; not parsed: " + "; ".join(st["errors"])
+    prov = st.get("provenance")
+    if prov and prov.get("counts"):
+        text += "; differing pages: " + ", ".join(f"{n} {k}" for k, n in prov["counts"].items())
+    return text
 
 
 def _page_sizes_text(p: dict) -> str:

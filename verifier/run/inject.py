@@ -6,6 +6,10 @@
   so its dirty log cannot know. The destination must be found to differ in exactly those pages.
 - corrupt-capture: bytes flipped in the destination's captured image; the comparison must name
   exactly those pages.
+- stream-drop / stream-flip (verifier.run.streamtap.StreamInjector): the stream tap withholds N
+  page records of the final RAM section (sent after the source stopped, so never sent again), or
+  flips a byte in the body of N dirtyram pages there; the provenance must say "not re-sent" or
+  "never sent" for the first and "sent with content the source never had" for the second.
 
 Run as `python -m verifier.run.inject IMAGE NONCE PAGE...` it is the separate writer process.
 """
@@ -22,7 +26,7 @@ from verifier.errors import CaptureError, InputError
 
 PAGE_SIZE = 4096
 MARKER_OFFSET = 2048  # middle of the page: never where dirtyram's header lives
-KINDS = ("untracked-writes", "corrupt-capture", "cpu-register")
+KINDS = ("untracked-writes", "corrupt-capture", "cpu-register", "stream-drop", "stream-flip")
 # cpu-register plants a value in callee-saved general registers of the destination's vCPU 0
 # (through its gdbstub) before the destination's CPU state is read, then restores them so the
 # guest resumes unharmed: the CPU-state comparison must name exactly those registers.

@@ -284,6 +284,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("cpu_state", "--no-cpu-state", Flag(), True, matrix="cpu_state", invert=True, type="bool",
            help="Do not compare the vCPUs' registers (read through QEMU's gdbstub) after the migration; the "
                 "report records that they were not compared."),
+    Option("stream", "--no-stream", Flag(), True, matrix="stream", invert=True, type="bool",
+           help="Do not parse the migration stream: without the tap between source and destination the "
+                "report says what differs but not where in the pipeline it was lost."),
+    Option("record_stream", "--record-stream", Flag(), False, matrix="record_stream", type="bool",
+           help="Keep the raw migration stream of every channel in the trial directory "
+                "(stream-<channel>.bin, read by `dirtylog stream`)."),
     Option("smp", "--smp", Int(1, 8), 2, unit="vCPUs", matrix="smp", show_default=True, always=True, type="int",
            help="Guest vCPUs."),
     Option("mem_mb", "--mem", Int(64, 1 << 20), 256, unit="MiB", matrix="mem", show_default=True, always=True,
@@ -345,7 +351,9 @@ OPTIONS: tuple[Option, ...] = (
            help="Negative control: untracked-writes[:N] (host writes behind QEMU's back into N source pages just "
                 "before switchover) or corrupt-capture[:N] (flip bytes in N pages of the destination image) or "
                 "cpu-register[:N] (change N registers of the destination's vCPU 0 through its gdbstub before it "
-                "is read, restore them after). The run must FAIL and name those pages or registers."),
+                "is read, restore them after) or stream-drop[:N] / stream-flip[:N] (the stream tap withholds, or "
+                "flips a byte in, N dirtyram page records of the final RAM section). The run must FAIL and name "
+                "those pages or registers."),
     Option("capabilities", "--capability", KeyValues(booleans=True), {}, multiple=True, metavar="NAME=on|off",
            type="dict",
            help="Migration capability on both sides, e.g. multifd=on, xbzrle=on, auto-converge=on."),

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import secrets
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -42,6 +43,25 @@ class LocalSites(Sites):
 
     def qemu(self, side, args, tdir, reporter, gdb):
         return QemuProcess(self.binaries[side], args, tdir, side, on_qmp=reporter.detail, gdb=gdb)
+
+    def stream_tap(self, opts, uri, tdir, machine):
+        from verifier.run.streamtap import StreamTap
+        if uri.startswith("unix:"):
+            # The destination's socket is relative to the trial directory (the QEMUs' cwd); the tap
+            # reaches any path. The source is given the tap's, in a short private directory.
+            self._tap_dir = short_socket_dir()
+            target, listen = f"unix:{tdir.resolve()}/{uri[5:]}", f"unix:{self._tap_dir}/tap.sock"
+        else:
+            target, listen = uri, f"tcp:{opts.migration_address}:0"
+        inject = opts.inject if opts.inject and opts.inject[0].startswith("stream-") else None
+        return StreamTap(listen, target, tdir, ram_block_bytes=opts.mem_mb << 20, record=opts.record_stream,
+                         page_size=machine.target_page_size, xbzrle=bool(opts.capabilities.get("xbzrle")),
+                         inject=inject)
+
+    def release(self):
+        if getattr(self, "_tap_dir", None) is not None:
+            shutil.rmtree(self._tap_dir, ignore_errors=True)
+            self._tap_dir = None
 
     def capture_images(self, src, dst, tdir, ram_base, mem_mb):
         return _capture.capture(self.capture, src, dst, tdir, ram_base, mem_mb)

@@ -23,6 +23,7 @@ from verifier.capture import ram as _capture
 from verifier.capture import cpustate as _cpustate
 from verifier.run import inject as _inject
 from verifier.analysis.compare import CompareResult
+from verifier.analysis.provenance import trace
 from verifier.errors import MigrationError, QemuError, VerifyError
 from verifier.run.migration import MigrationPolicy, check_supported, run_migration, start_incoming
 from verifier.run.qemu import GuestConfig, QemuBinary, QemuProcess, machine_args
@@ -64,6 +65,13 @@ class Sites:
 
     def migration_uri(self, opts) -> str:
         raise NotImplementedError
+
+    no_tap = "the tap runs between QEMUs on this machine only (not across hosts yet)"
+
+    def stream_tap(self, opts, uri: str, tdir: Path, machine):
+        """A verifier.run.streamtap.StreamTap, not started, forwarding to `uri` (where the destination
+        listens); None where this place has no tap (`no_tap` says why)."""
+        return None
 
     def qemu(self, side: str, args: list[str], tdir: Path, reporter, gdb: bool) -> QemuProcess:
         """A QEMU for `side`, not started (a context manager starts it); with `gdb`, its
@@ -138,7 +146,7 @@ def _run_trial(trial, art, opts, sites: Sites, machine, accel, reporter, t_start
                           host_backing=opts.host_backing, machine_opts=opts.machine_opts)
         return machine_args(sites.binaries[side], cfg) + sites.capture_args(side)
 
-    uri = sites.migration_uri(opts)
+    uri = sites.migration_uri(opts)  # where the destination listens
     rng = random.Random(opts.seed)
     policy = migration_policy(opts)
     if opts.inject and opts.inject[0] == "untracked-writes":
@@ -165,14 +173,23 @@ def _run_trial(trial, art, opts, sites: Sites, machine, accel, reporter, t_start
         trial.timings["boot_s"] = round(time.monotonic() - t_start, 3)
         time.sleep(opts.settle_s)
         start_incoming(src, dst, uri, policy)
-        reporter.step(f"trial {trial.index}: migrating {route + ' ' if route else ''}({uri})")
+        tap = sites.stream_tap(opts, uri, tdir, machine) if opts.stream else None
+        src_uri = stack.enter_context(tap).listen_uri if tap is not None else uri
+        reporter.step(f"trial {trial.index}: migrating {route + ' ' if route else ''}({uri}"
+                      + (f" through the stream tap at {src_uri})" if tap is not None else ")"))
         t_mig = time.monotonic()
         try:
-            result = run_migration(src, dst, uri, policy, tdir / "timeline.jsonl", progress=reporter.migration)
+            result = run_migration(src, dst, src_uri, policy, tdir / "timeline.jsonl", progress=reporter.migration)
         except MigrationError as exc:
             if not route:
                 raise
             raise MigrationError(f"{exc} ({route} over {uri})") from None
+        trial.stream = tap.close() if tap is not None else {"skipped": "--no-stream" if not opts.stream
+                                                            else sites.no_tap}
+        if tap is not None and tap.injector is not None:
+            trial.injection = tap.injector.injection()
+            reporter.step(f"trial {trial.index}: the tap {'withheld' if opts.inject[0] == 'stream-drop' else 'flipped a byte in'} "
+                          f"{len(trial.injection['records'])} page records of the final RAM section")
         trial.timings["migration_s"] = round(time.monotonic() - t_mig, 3)
         trial.migration = result.figures
         trial.parameter_changes = result.parameter_changes
@@ -213,6 +230,8 @@ def _run_trial(trial, art, opts, sites: Sites, machine, accel, reporter, t_start
     t_cmp = time.monotonic()
     result = sites.compare(trial, images, opts.mem_mb, machine.ram_base, tdir)
     trial.timings["compare_s"] = round(time.monotonic() - t_cmp, 3)
+    if result.diff_count and tap is not None and tap.ledger is not None:
+        trial.stream["provenance"] = trace(tap.ledger, result, trial.differences)
     if trial.injection and trial.injection["kind"] != "cpu-register":
         if "pages" not in trial.injection:
             raise MigrationError("--inject untracked-writes: the source never paused before switchover")

@@ -81,6 +81,9 @@ def verify(art: GuestArtifacts, opts: VerifyOptions, reporter: Reporter | None =
     if opts.inject and opts.inject[0] == "cpu-register" and not opts.cpu_state:
         raise InputError("--inject cpu-register plants a register difference for the CPU-state comparison: "
                          "it cannot be combined with --no-cpu-state")
+    if opts.inject and opts.inject[0].startswith("stream-") and not opts.stream:
+        raise InputError(f"--inject {opts.inject[0]} changes the migration stream in the tap: "
+                         f"it cannot be combined with --no-stream")
     if opts.inject and opts.inject[0] == "untracked-writes" and capture != "backing-file":
         raise InputError("--inject untracked-writes writes through the source's RAM backing file: "
                          "it needs --capture backing-file")

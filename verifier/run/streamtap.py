@@ -1,0 +1,180 @@
+"""The stream tap of one trial: every migration channel through verifier.run.tap.Tap, parsed as it
+passes by verifier.analysis.stream, each page record entered in the page ledger
+(verifier.analysis.provenance), the raw bytes kept per channel with --record-stream.
+
+The tap never decides the migration: a channel the parser cannot read is forwarded all the same,
+and the report says where parsing stopped and why.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from verifier.analysis.provenance import PageLedger
+from verifier.analysis.stream import (FLAG_CONTINUE, VM_SECTION_END, MultifdChannelParser, StreamFormatError,
+                                      StreamParser)
+from verifier.run.tap import Tap
+
+MULTIFD_MAGIC = b"\x11\x22\x33\x44"
+
+
+class StreamTap:
+    """Listen where the source migrates to, forward to `target_uri` (the destination's listener)."""
+
+    def __init__(self, listen_uri: str, target_uri: str, directory: Path, *, ram_block_bytes: int,
+                 record: bool = False, page_size: int = 4096, xbzrle: bool = False, inject=None):
+        self.directory = directory
+        self.ram_block_bytes = ram_block_bytes
+        self.page_size = page_size  # the machine's target page (the stream's record size)
+        self.xbzrle = xbzrle  # keep whole pages to decode XBZRLE records (one copy of guest RAM)
+        self.ledger: PageLedger | None = None
+        self.parsers: dict[str, object] = {}
+        self.errors: dict[str, str] = {}
+        self.summaries: dict[str, dict] = {}
+        self._lock = threading.Lock()
+        self.injector = StreamInjector(inject[0], inject[1], page_size, ram_block_bytes) if inject else None
+        self.tap = Tap(listen_uri, target_uri, directory, record=record, on_data=self._on_data,
+                       transform=self.injector.transform if self.injector else None)
+
+    @property
+    def listen_uri(self) -> str:
+        return self.tap.listen_uri
+
+    def __enter__(self):
+        self.tap.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- parsing ------------------------------------------------------------------------------
+    def _parser(self, channel: str, first: bytes):
+        if channel == "main":
+            return StreamParser(on_page=self._on_page, channel=channel, page_size=self.page_size,
+                                xbzrle=True if self.xbzrle else None, content=True)
+        if first[:4] == MULTIFD_MAGIC:
+            # its iteration: the channel's own SYNC packets (passes on 10.0, sections on 7.2)
+            return MultifdChannelParser(on_page=self._on_page, channel=channel, page_size=self.page_size,
+                                        content=True)
+        return None  # a channel carrying no RAM pages (postcopy preempt): forwarded, not parsed
+
+    def _on_data(self, channel: str, chunk: bytes) -> None:
+        if channel in self.errors:
+            return
+        try:
+            if channel not in self.parsers:
+                self.parsers[channel] = self._parser(channel, bytes(chunk[:4]))
+            parser = self.parsers[channel]
+            if parser is not None:
+                parser.feed(chunk)
+        except StreamFormatError as exc:
+            self.errors[channel] = str(exc)
+        except Exception as exc:  # noqa: BLE001 - a parser bug must not break the migration it watches
+            self.errors[channel] = f"internal parser error: {type(exc).__name__}: {exc}"
+
+    def _on_page(self, rec, content=None) -> None:
+        with self._lock:
+            if self.ledger is None:
+                block = self._main_block()
+                if block is None:
+                    return
+                self.ledger = PageLedger(block, self.ram_block_bytes // self.page_size, self.page_size)
+            self.ledger.record(rec.block, rec.offset, rec.kind, rec.channel, rec.stream_offset, rec.iteration,
+                               None if rec.kind in ("zero", "multifd-zero") else content)
+
+    def _main_block(self) -> str | None:
+        """The guest's main RAM: the block whose size is the guest's RAM (MEM_SIZE's list)."""
+        main = self.parsers.get("main")
+        blocks = main.blocks if main is not None else {}
+        for name, size in blocks.items():
+            if size == self.ram_block_bytes:
+                return name
+        return None
+
+    # -- the end --------------------------------------------------------------------------------
+    def close(self) -> dict:
+        summary = self.tap.close()
+        for name, parser in self.parsers.items():
+            if parser is None or name in self.errors:
+                continue
+            try:
+                self.summaries[name] = parser.close().to_dict()
+            except StreamFormatError as exc:
+                self.errors[name] = str(exc)
+        return self.result(summary)
+
+    def result(self, tap_summary) -> dict:
+        chans = []
+        for c in tap_summary.channels:
+            chans.append({"name": c.name, "bytes": c.bytes_to_destination, "bytes_back": c.bytes_from_destination,
+                          "seconds": round(c.seconds_open, 3), "recorded": str(c.recorded) if c.recorded else None,
+                          "parsed": self.summaries.get(c.name), "error": str(c.error) if c.error else None})
+        return {"channels": chans, "errors": [f"{k}: {v}" for k, v in self.errors.items()],
+                "page_size": self.page_size, "ledger": self.ledger.summary() if self.ledger else {}}
+
+
+class StreamInjector:
+    """--inject stream-drop:N / stream-flip:N: on the main channel, the tap withholds N page records
+    of the final RAM section (the END section, sent after the source stopped: nothing sends those
+    pages again), or flips one byte in the body of N dirtyram pages there (byte 100: past the
+    header, where every state of a dirtyram page is zero). Only records that lie whole in one chunk
+    the tap reads are touched, and only CONTINUE records are dropped (the next record's block
+    stays the destination's current one), so the stream stays well formed. A locator parser reads
+    the bytes before the change; the tap's own parser sees them after it, as the destination does."""
+
+    def __init__(self, kind: str, count: int, page_size: int, ram_block_bytes: int):
+        self.kind, self.left, self.page_size, self.ram_block_bytes = kind, count, page_size, ram_block_bytes
+        self.pages: list[int] = []  # image pages (4 KiB) touched
+        self.records: list[dict] = []
+        self._pos = 0
+        self._found: list = []
+        self._last_head: dict = {}  # (block, offset) -> the first 40 bytes last sent (injections only)
+        self._locator = StreamParser(on_page=self._seen, channel="main", page_size=page_size)
+
+    def _seen(self, rec) -> None:
+        key = (rec.block, rec.offset)
+        before = self._last_head.get(key)
+        self._last_head[key] = rec.head
+        if (self._locator.section_type == VM_SECTION_END and rec.kind == "page" and rec.head[:4] == b"DLPG"
+                and rec.head != before and self._locator.blocks.get(rec.block) == self.ram_block_bytes):
+            self._found.append(rec)  # a dirtyram page whose last copy sent is another state
+
+    def transform(self, channel: str, chunk) -> bytes:
+        if channel != "main" or self.left <= 0 or not chunk:
+            return chunk
+        start = self._pos
+        self._pos += len(chunk)
+        self._found = []
+        try:
+            self._locator.feed(chunk)
+        except StreamFormatError:
+            self.left = 0  # the locator cannot follow: inject nothing more, forward as is
+            return chunk
+        if not self._found:
+            return chunk
+        out = bytearray(chunk)
+        cuts = []
+        for rec in self._found:
+            rel = rec.stream_offset - start
+            if self.left <= 0 or rel < 0 or rel + 8 > len(out):
+                continue
+            flags = int.from_bytes(out[rel:rel + 8], "big") & (self.page_size - 1)
+            data = rel + 8 + (0 if flags & FLAG_CONTINUE else 1 + out[rel + 8])
+            if data + self.page_size > len(out) or (data + 40 <= len(out) and bytes(out[data:data + 40]) != rec.head):
+                continue
+            if self.kind == "stream-flip":
+                out[data + 100] ^= 0xFF
+            else:
+                if not flags & FLAG_CONTINUE:
+                    continue
+                cuts.append((rel, data + self.page_size))
+            self.left -= 1
+            self.pages.append(rec.offset // 4096)
+            self.records.append({"block": rec.block, "offset": rec.offset, "stream_offset": rec.stream_offset})
+        for a, b in reversed(cuts):
+            del out[a:b]
+        return bytes(out)
+
+    def injection(self) -> dict:
+        return {"kind": self.kind, "pages": sorted(set(self.pages)), "records": self.records}
