@@ -95,3 +95,15 @@ def test_ssh_failures_are_classified_into_one_typed_line(stderr, kind, words):
     err = classify_ssh_failure("h", stderr, "connect")
     assert type(err) is kind and words in str(err) and "\n" not in str(err)
     assert err.exit_code == 3
+
+
+def test_multifd_parameters_reach_the_destination_too():
+    """The destination accepts exactly multifd-channels connections: set on the source alone, 7.2's
+    destination refuses the extra ones (Broken pipe) and 10.0's waits in setup for ever."""
+    from verifier.run.migration import configure
+    src, dst = ScriptedQmp([("none", 0)]), ScriptedQmp([("none", 0)])
+    policy = MigrationPolicy(capabilities={"multifd": True},
+                             parameters={"multifd-channels": 4, "xbzrle-cache-size": 64 << 20})
+    configure(src, dst, policy)
+    assert ("migrate-set-parameters", {"multifd-channels": 4, "xbzrle-cache-size": 64 << 20}) in src.sent
+    assert ("migrate-set-parameters", {"multifd-channels": 4}) in dst.sent

@@ -62,14 +62,14 @@ def test_each_negative_control_gets_its_provenance_class(artifacts, qemu10, tmp_
 
 
 def test_every_channel_is_forwarded_parsed_and_recorded(artifacts, qemu10, tmp_path):
-    """vexpress-a15 (1 KiB target pages) with multifd on 2 channels: PASS, three channels parsed,
+    """vexpress-a15 (1 KiB target pages) with multifd on 4 channels: PASS, five channels parsed,
     each recorded, and `dirtylog stream` reads the recordings."""
     res, report = _verify(artifacts, qemu10, tmp_path / "run", "--machine", "vexpress-a15", "--record-stream",
                           "--workload", "256:64:20",
-                          "--capability", "multifd=on", "--parameter", "multifd-channels=2")
+                          "--capability", "multifd=on", "--parameter", "multifd-channels=4")
     assert res.returncode == 0, res.stdout + res.stderr
     st = report["trials"][0]["stream"]
-    assert sorted(c["name"] for c in st["channels"]) == ["main", "multifd-1", "multifd-2"]
+    assert sorted(c["name"] for c in st["channels"]) == ["main"] + [f"multifd-{i}" for i in range(1, 5)]
     assert st["errors"] == [] and st["page_size"] == 1024
     assert st["ledger"]["pages"] == 256 * 1024 and st["ledger"]["pages_sent"] == 256 * 1024
     assert all(c["parsed"] and c["recorded"] for c in st["channels"])

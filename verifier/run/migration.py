@@ -70,8 +70,15 @@ def check_supported(side: QemuProcess, policy: MigrationPolicy) -> None:
                              f"{', '.join(missing)}; it has: {', '.join(sorted(have))}")
 
 
+# Parameters the destination must share: it accepts exactly multifd-channels connections (QEMU 7.2
+# refuses more, so the source's writes fail; 10.0 waits in setup for ever) and decodes with the
+# source's multifd compression.
+BOTH_SIDES_PARAMETERS = ("multifd-channels", "multifd-compression")
+
+
 def configure(src: QemuProcess, dst: QemuProcess, policy: MigrationPolicy) -> None:
-    """Capabilities must match on both sides; parameters only matter on the source."""
+    """Capabilities must match on both sides; parameters matter on the source, and the multifd
+    ones (BOTH_SIDES_PARAMETERS) on the destination too."""
     both = dict(policy.capabilities)
     if policy.postcopy:
         both["postcopy-ram"] = True
@@ -84,6 +91,9 @@ def configure(src: QemuProcess, dst: QemuProcess, policy: MigrationPolicy) -> No
                 capabilities=[{"capability": "pause-before-switchover", "state": True}])
     if policy.parameters:
         src.qmp("migrate-set-parameters", **policy.parameters)
+        shared = {k: v for k, v in policy.parameters.items() if k in BOTH_SIDES_PARAMETERS}
+        if shared:
+            dst.qmp("migrate-set-parameters", **shared)
 
 
 def start_incoming(src: QemuProcess, dst: QemuProcess, uri: str, policy: MigrationPolicy) -> None:

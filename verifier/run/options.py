@@ -359,8 +359,8 @@ OPTIONS: tuple[Option, ...] = (
            help="Migration capability on both sides, e.g. multifd=on, xbzrle=on, auto-converge=on."),
     Option("parameters", "--parameter", KeyValues(booleans=False), {}, multiple=True, metavar="NAME=VALUE",
            type="dict",
-           help="Migration parameter on the source, e.g. multifd-channels=4, xbzrle-cache-size=64Mi (sizes: 64M = "
-                "64*10^6, 64Mi = 64*2^20)."),
+           help="Migration parameter on the source (multifd-channels and multifd-compression on the destination "
+                "too), e.g. multifd-channels=4, xbzrle-cache-size=64Mi (sizes: 64M = 64*10^6, 64Mi = 64*2^20)."),
     Option("postcopy", "--postcopy", Flag(), False, type="bool",
            help="Switch to postcopy after the forced passes (destination stays paused)."),
     Option("accel", "--accel", Choice(("tcg", "kvm")), "tcg", show_default=True, type="str",
