@@ -268,3 +268,25 @@ def test_doctor_names_the_packages_to_install(monkeypatch):
     assert text.rstrip().splitlines()[-1].startswith("not ready for `dirtylog make-and-verify`: apt-get install -y")
     assert "gpgv" in text.rstrip().splitlines()[-1] and "qemu-system-arm" in text.rstrip().splitlines()[-1]
     assert "neither docker nor podman" in text
+
+
+def test_memory_map_by_provenance_colours_where_each_page_was_lost():
+    from PIL import Image
+    lost = dict(STALE, provenance={"classes": {"not-resent": 5}, "text": "..."})
+    flipped = dict(OTHER, provenance={"classes": {"corrupt-in-stream": 1}, "text": "..."})
+    uri = html_report.memory_map(65536, 0x40000000, [lost, flipped], by="provenance")
+    img = Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).convert("RGB")
+    colours = {c for _, c in img.getcolors(1 << 20)}
+    assert (0xd6, 0x27, 0x28) in colours  # not-resent
+    assert (0x94, 0x67, 0xbd) in colours  # corrupt-in-stream
+    assert (0xe6, 0xe6, 0xe6) in colours  # identical pages
+    assert html_report.provenance_class(OTHER) == "no stream evidence"
+
+
+def test_html_adds_the_map_by_provenance_when_the_stream_says_where(matrix_report, tmp_path):
+    lossy = next(s for s in matrix_report["scenarios"] if s["name"] == "lossy[smp=2]")
+    for d in lossy["report"]["trials"][0]["differences"]:
+        d["provenance"] = {"classes": {"not-resent": d["pages"]}, "text": "not re-sent after a write"}
+    text = html_report.write(matrix_report, tmp_path / "report.html").read_text()
+    imgs = re.findall(r'<img class="plot (memmap|memmap-provenance)"[^>]*src="data:image/png;base64,([^"]+)"', text)
+    assert [k for k, _ in imgs] == ["memmap", "memmap-provenance"]

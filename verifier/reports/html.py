@@ -28,6 +28,16 @@ DIAGNOSIS_COLOURS = {
     "not-dirtyram": "#1f77b4",
     "impossible": "#000000",
 }
+# provenance classes (verifier.analysis.provenance): where in the pipeline the page was lost
+PROVENANCE_COLOURS = {
+    "identical": "#e6e6e6",
+    "not-resent": "#d62728",
+    "never-sent": "#ff7f0e",
+    "lost-on-destination": "#1f77b4",
+    "corrupt-in-stream": "#9467bd",
+    "destination-diverged": "#000000",
+    "no stream evidence": "#bcbd22",
+}
 OTHER_COLOUR = "#8c564b"
 STATUS_COLOURS = {"pass": "#2ca02c", "fail": "#d62728", "error": "#ff7f0e", "interrupted": "#7f7f7f",
                   "not-run": "#7f7f7f", "expected-fail": "#9467bd", "unexpected-pass": "#d62728"}
@@ -113,11 +123,24 @@ def timeline_plot(samples: list[dict], changes: list[dict], title: str = "") -> 
     return _png(fig)
 
 
-def memory_map(page_count: int, ram_base: int, differences: list[dict], title: str = "") -> str | None:
+def provenance_class(d: dict) -> str:
+    """A range's provenance class (the class of most of its pages), for the map by provenance."""
+    classes = (d.get("provenance") or {}).get("classes") or {}
+    return max(classes, key=classes.get) if classes else "no stream evidence"
+
+
+def memory_map(page_count: int, ram_base: int, differences: list[dict], title: str = "",
+               by: str = "diagnosis") -> str | None:
     """PNG data URI: guest RAM as a grid (MAP_COLUMNS pages a row), differing ranges coloured by
-    diagnosis and ringed so that a single page stays visible."""
+    diagnosis (or, with by="provenance", by where the stream says each was lost) and ringed so
+    that a single page stays visible."""
     if not page_count:
         return None
+    if by == "provenance":
+        differences = [dict(d, diagnosis=provenance_class(d)) for d in differences]
+        palette = PROVENANCE_COLOURS
+    else:
+        palette = DIAGNOSIS_COLOURS
     import numpy as np
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
@@ -143,13 +166,13 @@ def memory_map(page_count: int, ram_base: int, differences: list[dict], title: s
             ys.append(p // MAP_COLUMNS)
     if page_count < rows * MAP_COLUMNS:
         grid[page_count:] = 0
-    colours = [DIAGNOSIS_COLOURS.get(k, OTHER_COLOUR) for k in kinds]
+    colours = [palette.get(k, OTHER_COLOUR) for k in kinds]
     height = min(6.0, max(2.0, rows / 40))
     fig, ax = plt.subplots(figsize=(7.5, height))
     ax.imshow(grid.reshape(rows, MAP_COLUMNS), cmap=ListedColormap(colours), vmin=0, vmax=max(len(kinds) - 1, 1),
               interpolation="nearest", aspect="auto")
     for k, (xs, ys) in marks.items():
-        ax.scatter(xs, ys, s=14, facecolors="none", edgecolors=DIAGNOSIS_COLOURS.get(k, OTHER_COLOUR), linewidths=0.8)
+        ax.scatter(xs, ys, s=14, facecolors="none", edgecolors=palette.get(k, OTHER_COLOUR), linewidths=0.8)
     step = max(1, rows // 8)
     ticks = list(range(0, rows, step))
     ax.set_yticks(ticks)
@@ -160,7 +183,7 @@ def memory_map(page_count: int, ram_base: int, differences: list[dict], title: s
     counts = {}
     for d in differences:
         counts[d.get("diagnosis", "?")] = counts.get(d.get("diagnosis", "?"), 0) + int(d.get("pages") or 0)
-    ax.legend(handles=[Patch(color=DIAGNOSIS_COLOURS.get(k, OTHER_COLOUR),
+    ax.legend(handles=[Patch(color=palette.get(k, OTHER_COLOUR),
                              label=k if k == "identical" else f"{k} ({counts.get(k, 0)} pages)") for k in kinds],
               fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title(title or f"guest-physical memory {ram_base:#x}-{ram_base + page_count * PAGE - 1:#x}", fontsize=9)
@@ -325,6 +348,16 @@ def _scenario_html(sc: dict) -> str:
                 mm = None
             if mm:
                 out.append(f"<img class=\"plot memmap\" alt=\"guest memory map\" src=\"{mm}\">")
+            diffs = t.get("differences") or []
+            if any(d.get("provenance") for d in diffs):
+                try:
+                    pm = memory_map(int(c["page_count"]), int(str(c.get("ram_base", "0")), 0), diffs,
+                                    title="where each differing page was lost (the migration stream)", by="provenance")
+                except Exception:  # noqa: BLE001
+                    pm = None
+                if pm:
+                    out.append(f"<img class=\"plot memmap-provenance\" alt=\"guest memory map by provenance\" "
+                               f"src=\"{pm}\">")
     return "\n".join(out)
 
 
