@@ -36,7 +36,8 @@ def _verify(artifacts, qemu, run_dir, *args):
 
 
 @pytest.mark.parametrize("inject, extra, classes", [
-    ("stream-flip:3", [], {"corrupt-in-stream"}),
+    # a 128-page instance rewritten every 2 ms keeps dirtyram pages in the final RAM section
+    ("stream-flip:3", ["--workload", "512:512:50", "--workload", "128:128:2"], {"corrupt-in-stream"}),
     ("stream-drop:3", [], {"not-resent", "never-sent"}),
     ("untracked-writes:3", ["--capture", "backing-file"], {"not-resent", "never-sent"}),
     ("corrupt-capture:3", [], {"lost-on-destination"}),

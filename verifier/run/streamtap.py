@@ -137,8 +137,9 @@ class StreamInjector:
         before = self._last_head.get(key)
         self._last_head[key] = rec.head
         if (self._locator.section_type == VM_SECTION_END and rec.kind == "page" and rec.head[:4] == b"DLPG"
-                and rec.head != before and self._locator.blocks.get(rec.block) == self.ram_block_bytes):
-            self._found.append(rec)  # a dirtyram page whose last copy sent is another state
+                and (self.kind == "stream-flip" or rec.head != before)
+                and self._locator.blocks.get(rec.block) == self.ram_block_bytes):
+            self._found.append(rec)  # a dirtyram page (to drop: one whose last copy sent is another state)
 
     def transform(self, channel: str, chunk) -> bytes:
         if channel != "main" or self.left <= 0 or not chunk:
