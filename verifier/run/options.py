@@ -480,16 +480,15 @@ def reproducer_args(plan: VerifyOptions) -> list[str]:
         if o.flag is None:
             continue
         v = getattr(plan, o.name)
-        at_default = v == o.default or (o.kind.is_flag and not v if not o.invert else v)
         if o.reproduce_when is not None:
             if not o.reproduce_when(plan):
                 continue
-        elif at_default and not o.always:
+        elif v == o.default and not o.always:
             continue
         if v is None:
             continue
-        if o.kind.is_flag:
-            if (not v) if o.invert else v:
+        if o.kind.is_flag:  # a flag is given exactly when its field is not at its default
+            if v != o.default:
                 args.append(o.flag)
             continue
         args += o.kind.args(o.flag, v)
