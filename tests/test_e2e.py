@@ -51,11 +51,19 @@ def test_single_pass_migration_passes_and_keeps_its_evidence(artifacts, tmp_path
     assert trial["resume"]["ok"] is True
     assert trial["destination_invariant"] == []
     assert trial["migration"]["transferred_bytes"] > 0
+    # device state: both stopped VMs saved theirs, compared field by field with each other and with
+    # the stream's device sections, by the stream's VMDESCRIPTION
+    dev = trial["device_state"]
+    assert trial["checks"]["device_state"] == {"ok": True, "text": "device state identical"}, dev
+    assert dev["described"] and list(dev["pairs"]) == ["source/destination", "stream/destination", "stream/source"]
+    assert all(p["fields_compared"] > 5000 and not p["compared_as_bytes"] for p in dev["pairs"].values()), dev
+    assert res.stdout.splitlines()[0].endswith("CPU state identical; device state identical; guest ran after resume")
     if trial["migration"]["dirty_sync_count"] <= 2:
         assert any("single pass" in w for w in trial["warnings"])
     tdir = run_dir / "trial-01"
     for name in ("serial-src.log", "serial-dst.log", "qmp-src.log", "qmp-dst.log", "timeline.jsonl",
-                 "ram-src.img", "ram-dst.img", "cmdline-src.txt", "qemu-src.log"):
+                 "ram-src.img", "ram-dst.img", "cmdline-src.txt", "qemu-src.log", "devstate-src.bin",
+                 "devstate-dst.bin"):
         assert (tdir / name).is_file(), name
     serial = (tdir / "serial-src.log").read_text(errors="replace")
     assert "DIRTYLOG-READY n=3" in serial

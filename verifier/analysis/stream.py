@@ -371,12 +371,15 @@ class StreamParser(_Incremental):
     """The main migration channel, fed incrementally; `on_page(PageRecord)` for every RAM page record."""
 
     def __init__(self, on_page: Callable[..., None] | None = None, channel: str = "main",
-                 page_size: int = 4096, *, xbzrle: bool | None = None, content: bool = False):
+                 page_size: int = 4096, *, xbzrle: bool | None = None, content: bool = False,
+                 device_bodies: bool = False):
         """`on_page(record)` for every RAM page record; with ``content=True``, `on_page(record, content)`,
         content being the page as sent: a memoryview valid only during the call (copy it to keep it) for
         PAGE records, the decoded page for XBZRLE records with ``xbzrle=True`` (None otherwise: only
         its head is known), None for ZERO records. `page_size`: see the module docstring. `xbzrle`:
-        which page copies are kept for XBZRLE decoding (module docstring)."""
+        which page copies are kept for XBZRLE decoding (module docstring). With ``device_bodies=True``
+        the body of every FULL (device) section is kept, in stream order: `device_bodies` (what
+        verifier.capture.devstate decodes field by field; a few tens of KiB for an ARM guest)."""
         super().__init__(channel)
         if page_size < 1024 or page_size & (page_size - 1):
             raise ValueError(f"page_size must be a power of two >= 1024, not {page_size}")
@@ -406,6 +409,7 @@ class StreamParser(_Incremental):
         self._ignore_shared = False
         self._rejected: tuple[int, int] | None = None  # first footer lookalike of a body, and the byte after it
         self._features: list[str] = []
+        self.device_bodies: list[tuple[dict, bytes]] | None = [] if device_bodies else None
 
     def _set_page_size(self, ps: int) -> None:
         self.page_size = ps
@@ -719,6 +723,8 @@ class StreamParser(_Incremental):
                 self._rejected = (i + delta, buf[i + 5])
             i += 1
         self._s.device_sections[-1]["size"] = i - start
+        if self.device_bodies is not None and self._cur_type == VM_SECTION_FULL:
+            self.device_bodies.append((self._s.device_sections[-1], bytes(buf[start:i])))
         self._s.section_footers = True
         self._state = _S_FOOTER
         return i

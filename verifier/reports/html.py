@@ -222,13 +222,14 @@ def _kv_table(d: dict, unit: str = "") -> str:
 
 
 def _checks_row(t: dict) -> str:
-    """The trial's three verdicts side by side: memory, CPU state, liveness."""
+    """The trial's verdicts side by side: memory, CPU state, device state (when checked), liveness."""
     from verifier.reports.report import CHECK_LABELS, checks
-    cells = []
+    cells, head = [], []
     for name, c in checks(t).items():
         cls = {True: "ok", False: "bad"}.get(c["ok"], "na")
         cells.append(f'<td class="{cls}">{_e(c["text"])}</td>')
-    head = "".join(f"<th>{_e(label)}</th>" for label in CHECK_LABELS.values())
+        head.append(f"<th>{_e(CHECK_LABELS[name])}</th>")
+    head = "".join(head)
     return f'<table class="checks"><tr>{head}</tr><tr>{"".join(cells)}</tr></table>'
 
 

@@ -46,6 +46,11 @@ def trial_text(t: dict) -> str:
     if cpu.get("differences"):
         lines.append("CPU state differences (register: source, destination):")
         lines += ["  " + d for d in format_differences(cpu, limit=200)]
+    dev = t.get("device_state") or {}
+    if dev.get("pairs") and not dev.get("identical"):
+        from verifier.capture import devstate
+        lines.append("device state differences (copies: field: values):")
+        lines += ["  " + d for d in devstate.format_differences(dev, limit=200)]
     for f in t.get("known_findings") or []:
         lines.append(f["sentence"])
     if t.get("verdict") == "fail" and not t.get("known_findings"):
@@ -71,6 +76,10 @@ def _failure_message(t: dict) -> str:
         names = sorted({d["register"] for d in cpu["differences"]})
         parts.append(f"CPU state: {len(cpu['differences'])} register values differ ({', '.join(names[:8])}"
                      + (", ..." if len(names) > 8 else "") + ")")
+    from verifier.reports.report import checks
+    dev = checks(t).get("device_state")
+    if dev and dev["ok"] is False:
+        parts.append(dev["text"])
     resume = t.get("resume") or {}
     if resume and not resume.get("ok"):
         parts.append("destination did not run after resuming")

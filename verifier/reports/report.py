@@ -38,6 +38,7 @@ class TrialResult:
     page_sizes: dict = field(default_factory=dict)
     cmdlines: dict = field(default_factory=dict)
     cpu_state: dict = field(default_factory=dict)  # verifier.capture.cpustate.compare(), or {"skipped": why}
+    device_state: dict = field(default_factory=dict)  # verifier.capture.devstate.compare(), or {"skipped": why}
     known_findings: list = field(default_factory=list)  # verifier.analysis.findings.match() of a failed trial
     stream: dict = field(default_factory=dict)  # the tap's channels and summary, and the provenance of differing pages
 
@@ -74,19 +75,20 @@ def diagnose_trial(trial: TrialResult, result: CompareResult, ram_base: int, inv
 
 
 def checks(trial) -> dict:
-    """The three things a trial checks, each {"ok": True | False | None (not checked), "text"}:
-    memory (the RAM images), cpu_state (every vCPU register) and liveness (the resumed guest runs).
-    `trial` is a TrialResult or its dict in report.json."""
+    """What a trial checks, each {"ok": True | False | None (not checked), "text"}: memory (the RAM
+    images), cpu_state (every vCPU register), device_state (every field of every device section;
+    only in trials that have its entry, compared or skipped: reports from before it have none) and
+    liveness (the resumed guest runs). `trial` is a TrialResult or its dict in report.json."""
     if isinstance(trial, dict):
         return trial.get("checks") or _checks(trial.get("compare") or {}, trial.get("cpu_state") or {},
-                                               trial.get("resume") or {})
-    return _checks(trial.compare, trial.cpu_state, trial.resume)
+                                               trial.get("resume") or {}, trial.get("device_state"))
+    return _checks(trial.compare, trial.cpu_state, trial.resume, trial.device_state)
 
 
-CHECK_LABELS = {"memory": "memory", "cpu_state": "CPU state", "liveness": "liveness"}
+CHECK_LABELS = {"memory": "memory", "cpu_state": "CPU state", "device_state": "device state", "liveness": "liveness"}
 
 
-def _checks(c: dict, cs: dict, r: dict) -> dict:
+def _checks(c: dict, cs: dict, r: dict, ds: dict | None = None) -> dict:
     if "diff_count" in c:
         memory = {"ok": c["diff_count"] == 0,
                   "text": "memory identical" if c["diff_count"] == 0 else f"memory: {c['diff_count']} pages differ"}
@@ -105,7 +107,22 @@ def _checks(c: dict, cs: dict, r: dict) -> dict:
         live = {"ok": r["ok"], "text": "guest ran after resume" if r["ok"] else "guest did not run after resume"}
     else:
         live = {"ok": None, "text": "liveness not checked"}
-    return {"memory": memory, "cpu_state": cpu, "liveness": live}
+    out = {"memory": memory, "cpu_state": cpu}
+    if ds:
+        out["device_state"] = _device_check(ds)
+    out["liveness"] = live
+    return out
+
+
+def _device_check(ds: dict) -> dict:
+    if "identical" not in ds:
+        return {"ok": None, "text": "device state not compared" + (f" ({ds['skipped']})" if ds.get("skipped") else "")}
+    if ds["identical"]:
+        return {"ok": True, "text": "device state identical"}
+    fields = sorted({d["field"] for p in ds["pairs"].values() for d in p["differences"]})
+    n = len(fields)
+    return {"ok": False, "text": f"device state: {n} field{'s' if n != 1 else ''} differ "
+                                 f"({', '.join(fields[:6])}{', ...' if n > 6 else ''})"}
 
 
 @dataclass
@@ -206,8 +223,10 @@ class RunReport:
                 if c["ok"] is False:
                     failed[name] = failed.get(name, 0) + 1
         if not failed:
-            return ": memory, CPU state and liveness as expected in every trial"
-        label = {"memory": "memory differs", "cpu_state": "CPU state differs", "liveness": "guest did not run"}
+            names = [CHECK_LABELS[k] for k in checks(done[0])]
+            return f": {', '.join(names[:-1])} and {names[-1]} as expected in every trial"
+        label = {"memory": "memory differs", "cpu_state": "CPU state differs", "device_state": "device state differs",
+                 "liveness": "guest did not run"}
         return ": " + "; ".join(f"{label[k]} in {n} of {len(done)} trials" for k, n in failed.items())
 
     def render_text(self) -> str:
@@ -242,6 +261,12 @@ class RunReport:
                 from verifier.capture.cpustate import format_differences
                 lines.append("  CPU state differences (register: source, destination):")
                 lines += ["    " + d for d in format_differences(t.cpu_state)]
+            if t.device_state.get("pairs") and not t.device_state["identical"]:
+                from verifier.capture import devstate
+                lines.append("  device state differences (copies: field: values):")
+                lines += ["    " + d for d in devstate.format_differences(t.device_state)]
+            if t.device_state.get("note"):
+                lines.append(f"  device state: {t.device_state['note']}")
             for f in t.known_findings:
                 lines.append(f"  {f['sentence']}")
             if t.verdict == "fail" and not t.known_findings:

@@ -284,6 +284,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("cpu_state", "--no-cpu-state", Flag(), True, matrix="cpu_state", invert=True, type="bool",
            help="Do not compare the vCPUs' registers (read through QEMU's gdbstub) after the migration; the "
                 "report records that they were not compared."),
+    Option("device_state", "--no-device-state", Flag(), True, matrix="device_state", invert=True, type="bool",
+           help="Do not compare the device state: by default both stopped VMs save their device sections "
+                "(devstate-src.bin, devstate-dst.bin) and every field is compared, by the migration stream's "
+                "VMDESCRIPTION, with the other side and with what the stream carried."),
     Option("stream", "--no-stream", Flag(), True, matrix="stream", invert=True, type="bool",
            help="Do not parse the migration stream: without the tap between source and destination the "
                 "report says what differs but not where in the pipeline it was lost."),

@@ -153,6 +153,18 @@ class HostSites(Sites):
                 raise CaptureError(f"{side} RAM image {img.host.name}:{img.path} has {got} bytes instead of {size}")
         return images
 
+    def save_device_state(self, proc, tdir):
+        """Saved into the host's run directory (the QEMU's working directory), then fetched into the
+        trial directory: a few tens of KiB."""
+        from verifier.capture import devstate
+        name = f"devstate-{proc.name}.bin"
+        devstate.save_as(proc, name)
+        remote = f"{self.remote_dirs[proc.name]}/{name}"
+        data = self.host[proc.name].run(["cat", remote], what=f"fetch {remote}").stdout
+        local = (tdir / name).resolve()
+        local.write_bytes(data)
+        return local
+
     def release(self):
         if self.sock_dir is not None:
             for p in self.sock_dir.iterdir():

@@ -52,7 +52,7 @@ class StreamTap:
     def _parser(self, channel: str, first: bytes):
         if channel == "main":
             return StreamParser(on_page=self._on_page, channel=channel, page_size=self.page_size,
-                                xbzrle=True if self.xbzrle else None, content=True)
+                                xbzrle=True if self.xbzrle else None, content=True, device_bodies=True)
         if first[:4] == MULTIFD_MAGIC:
             # its iteration: the channel's own SYNC packets (passes on 10.0, sections on 7.2)
             return MultifdChannelParser(on_page=self._on_page, channel=channel, page_size=self.page_size,
@@ -103,6 +103,15 @@ class StreamTap:
             except StreamFormatError as exc:
                 self.errors[name] = str(exc)
         return self.result(summary)
+
+    def device_state(self) -> tuple[list, dict | None] | None:
+        """The main channel's device sections as the destination received them, and the stream's
+        VMDESCRIPTION (None in postcopy, which does not send it); None if the main channel was not
+        parsed to its end."""
+        main = self.parsers.get("main")
+        if main is None or "main" in self.errors or "main" not in self.summaries:
+            return None
+        return list(main.device_bodies), self.summaries["main"].get("vmdesc")
 
     def result(self, tap_summary) -> dict:
         chans = []

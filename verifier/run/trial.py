@@ -21,6 +21,7 @@ from pathlib import Path
 
 from verifier.capture import ram as _capture
 from verifier.capture import cpustate as _cpustate
+from verifier.capture import devstate as _devstate
 from verifier.run import inject as _inject
 from verifier.analysis.compare import CompareResult
 from verifier.analysis.provenance import trace
@@ -72,6 +73,11 @@ class Sites:
         """A verifier.run.streamtap.StreamTap, not started, forwarding to `uri` (where the destination
         listens); None where this place has no tap (`no_tap` says why)."""
         return None
+
+    def save_device_state(self, proc, tdir: Path) -> Path:
+        """The stopped QEMU `proc` saves its device sections (verifier.capture.devstate); the local
+        path of the file, tdir/devstate-<side>.bin."""
+        return _devstate.save(proc, (tdir / f"devstate-{proc.name}.bin").resolve())
 
     def qemu(self, side: str, args: list[str], tdir: Path, reporter, gdb: bool) -> QemuProcess:
         """A QEMU for `side`, not started (a context manager starts it); with `gdb`, its
@@ -219,6 +225,13 @@ def _run_trial(trial, art, opts, sites: Sites, machine, accel, reporter, t_start
             trial.timings["cpu_state_s"] = round(time.monotonic() - t_cpu, 3)
         else:
             trial.cpu_state = {"skipped": "--no-cpu-state"}
+        if opts.device_state:
+            reporter.step(f"trial {trial.index}: comparing device state (every field of every device section)")
+            t_dev = time.monotonic()
+            trial.device_state = read_device_state(src, dst, sites, tdir, tap, trial.stream.get("skipped"))
+            trial.timings["device_state_s"] = round(time.monotonic() - t_dev, 3)
+        else:
+            trial.device_state = {"skipped": "--no-device-state"}
         src.close()
         reporter.step(f"trial {trial.index}: resuming the destination guest{sites.where('dst')}")
         trial.resume = check_destination_runs(dst)
@@ -262,6 +275,25 @@ def read_cpu_state(src: QemuProcess, dst: QemuProcess, arch: str, tdir: Path, pl
         result["planted"] = planted
     result["vcpus"] = len(dumps["src"])
     result["arch"] = arch
+    return result
+
+
+def read_device_state(src: QemuProcess, dst: QemuProcess, sites: Sites, tdir: Path, tap, skipped: str | None) -> dict:
+    """Both stopped VMs save their device sections; compared field by field with each other and with
+    the sections the migration stream carried (verifier.capture.devstate)."""
+    files = {"source": sites.save_device_state(src, tdir), "destination": sites.save_device_state(dst, tdir)}
+    copies = {side: _devstate.read_sections(path) for side, path in files.items()}
+    stream = tap.device_state() if tap is not None else None
+    vmdesc = None
+    if stream is not None:
+        copies["stream"], vmdesc = stream
+    result = _devstate.compare(copies, vmdesc)
+    result["files"] = {side: str(path) for side, path in files.items()}
+    if stream is None:
+        why = skipped or "its main channel did not parse to the end"
+        result["note"] = f"the migration stream was not parsed ({why}): no VMDESCRIPTION, sections compared as bytes"
+    elif vmdesc is None:
+        result["note"] = "the stream has no VMDESCRIPTION (QEMU sends none in postcopy): sections compared as bytes"
     return result
 
 
