@@ -167,3 +167,69 @@ def test_a_missing_subsection_is_a_layout_error_naming_it():
     with pytest.raises(devstate.LayoutError, match="dev/dev/sub: the description has this subsection at offset 4"):
         devstate.decode(bytes(4), desc, "dev")
     assert issubclass(devstate.DeviceStateError, VerifyError) and devstate.DeviceStateError.exit_code == 3
+
+
+# ============================================================================ in real verifications
+
+@pytest.fixture(scope="module")
+def qemu10():
+    """QEMU 10.0 (built or reused from the cache): it loses no dirty pages of its own."""
+    return _qemu100().path
+
+
+def _verify(artifacts, qemu, run_dir, *args):
+    import json
+
+    from conftest import run_dirtylog
+    res = run_dirtylog("verify", "--artifacts", artifacts, "--qemu", qemu, "--machine", "virt", "--smp", "1",
+                       "--min-passes", "2", "--workload", "256:64:20", "--run-dir", run_dir, *args)
+    return res, json.loads((run_dir / "report.json").read_text())
+
+
+@pytest.mark.build
+@pytest.mark.e2e
+def test_stream_device_injection_is_named_exactly_and_the_destination_loaded_what_it_got(artifacts, qemu10,
+                                                                                         tmp_path):
+    """The tap flips a byte of timer/cpu_ticks_offset in the stream: source and destination differ in
+    exactly that field, the stream and the source too, and the destination holds what it received."""
+    res, report = _verify(artifacts, qemu10, tmp_path / "run", "--inject", "stream-device")
+    assert res.returncode == 1, res.stdout + res.stderr
+    t = report["trials"][0]
+    inj = t["injection"]
+    assert (inj["kind"], inj["fields"], inj["injected"], inj["detected"], inj["missed"], inj["other_differences"]) \
+        == ("stream-device", ["timer/cpu_ticks_offset"], 1, 1, [], 0), inj
+    pairs = t["device_state"]["pairs"]
+    assert pairs["stream/destination"]["identical"]
+    (d,) = pairs["source/destination"]["differences"]
+    assert d["field"] == "timer/cpu_ticks_offset" and d["type"] == "int64"
+    assert int(d["source"], 16) ^ int(d["destination"], 16) == 0xFF  # the low byte, flipped
+    assert t["checks"]["device_state"] == {"ok": False, "text": "device state: 1 field differs (timer/cpu_ticks_offset)"}
+    assert t["checks"]["memory"]["ok"] and t["checks"]["liveness"]["ok"], t["checks"]
+    text = (tmp_path / "run" / "report.txt").read_text()
+    assert f"    source/destination timer/cpu_ticks_offset: source {d['source']}, destination {d['destination']}" in text
+    assert "negative control stream-device: 1 of 1 injected fields detected, 0 other differing fields" in text
+
+
+@pytest.mark.build
+@pytest.mark.e2e
+def test_without_the_stream_sections_are_compared_as_bytes_and_bad_combinations_are_refused(artifacts, qemu10,
+                                                                                            tmp_path):
+    from conftest import run_dirtylog
+    res, report = _verify(artifacts, qemu10, tmp_path / "run", "--no-stream")
+    assert res.returncode == 0, res.stdout + res.stderr
+    dev = report["trials"][0]["device_state"]
+    assert not dev["described"] and list(dev["pairs"]) == ["source/destination"]
+    assert dev["note"] == ("the migration stream was not parsed (--no-stream): no VMDESCRIPTION, "
+                           "sections compared as bytes")
+    assert dev["pairs"]["source/destination"]["fields_compared"] == dev["pairs"]["source/destination"]["sections"]
+    assert report["trials"][0]["checks"]["device_state"]["ok"] is True
+    res, report = _verify(artifacts, qemu10, tmp_path / "run2", "--no-device-state")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert report["trials"][0]["checks"]["device_state"] == {"ok": None,
+                                                             "text": "device state not compared (--no-device-state)"}
+    assert not list((tmp_path / "run2" / "trial-01").glob("devstate-*"))
+    for args, msg in ((["--inject", "stream-device", "--no-device-state"], "cannot be combined with --no-device-state"),
+                      (["--inject", "stream-device:2"], "N can only be 1")):
+        bad = run_dirtylog("verify", "--artifacts", artifacts, "--qemu", qemu10, *args)
+        assert bad.returncode == 2 and msg in bad.stderr.strip().splitlines()[-1], bad.stderr
+        assert "Traceback" not in bad.stderr

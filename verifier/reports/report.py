@@ -121,7 +121,7 @@ def _device_check(ds: dict) -> dict:
         return {"ok": True, "text": "device state identical"}
     fields = sorted({d["field"] for p in ds["pairs"].values() for d in p["differences"]})
     n = len(fields)
-    return {"ok": False, "text": f"device state: {n} field{'s' if n != 1 else ''} differ "
+    return {"ok": False, "text": f"device state: {n} field{'s differ' if n != 1 else ' differs'} "
                                  f"({', '.join(fields[:6])}{', ...' if n > 6 else ''})"}
 
 

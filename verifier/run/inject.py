@@ -10,6 +10,10 @@
   page records of the final RAM section (sent after the source stopped, so never sent again), or
   flips a byte in the body of N dirtyram pages there; the provenance must say "not re-sent" or
   "never sent" for the first and "sent with content the source never had" for the second.
+- stream-device: the stream tap flips the low byte of one device field in the stream (the timer
+  section's cpu_ticks_offset, which an ARM guest does not read); the device-state comparison must
+  name exactly that field between source and destination and between stream and source, and find
+  the destination identical to what it received.
 
 Run as `python -m verifier.run.inject IMAGE NONCE PAGE...` it is the separate writer process.
 """
@@ -26,7 +30,7 @@ from verifier.errors import CaptureError, InputError
 
 PAGE_SIZE = 4096
 MARKER_OFFSET = 2048  # middle of the page: never where dirtyram's header lives
-KINDS = ("untracked-writes", "corrupt-capture", "cpu-register", "stream-drop", "stream-flip")
+KINDS = ("untracked-writes", "corrupt-capture", "cpu-register", "stream-drop", "stream-flip", "stream-device")
 # cpu-register plants a value in callee-saved general registers of the destination's vCPU 0
 # (through its gdbstub) before the destination's CPU state is read, then restores them so the
 # guest resumes unharmed: the CPU-state comparison must name exactly those registers.
@@ -48,6 +52,11 @@ def parse_inject(text: str | None) -> tuple[str, int] | None:
         raise InputError(f"--inject {text}: N must be a whole number of pages") from None
     if not 1 <= n <= 4096:
         raise InputError(f"--inject {text}: N must be between 1 and 4096")
+    if kind == "stream-device":
+        if count and count != "1":
+            raise InputError(f"--inject {text}: stream-device changes one device field (timer/cpu_ticks_offset); "
+                             f"N can only be 1")
+        return kind, 1
     if kind == "cpu-register":
         n = int(count) if count else 1
         most = min(len(r) for r in PLANT_REGISTERS.values())
@@ -132,6 +141,19 @@ def check(injected: list[int], diff_pages) -> dict:
     inj = set(injected)
     return {"injected": len(inj), "detected": len(inj & diff), "missed": sorted(inj - diff),
             "other_differences": len(diff - inj)}
+
+
+def check_fields(injected: list[str], device_state: dict) -> dict:
+    """stream-device: is each changed field named between source and destination and between stream
+    and source, and the destination identical to what it received (stream/destination)?"""
+    pairs = device_state.get("pairs", {})
+
+    def named(pair: str) -> set[str]:
+        return {d["field"] for d in pairs.get(pair, {}).get("differences", [])}
+    src_dst, stream_src, stream_dst = named("source/destination"), named("stream/source"), named("stream/destination")
+    found = [f for f in injected if f in src_dst and f in stream_src and f not in stream_dst]
+    return {"injected": len(injected), "detected": len(found), "missed": [f for f in injected if f not in found],
+            "other_differences": len((src_dst | stream_src | stream_dst) - set(injected)), "unit": "fields"}
 
 
 def _main(argv: list[str]) -> int:

@@ -356,8 +356,9 @@ OPTIONS: tuple[Option, ...] = (
                 "before switchover) or corrupt-capture[:N] (flip bytes in N pages of the destination image) or "
                 "cpu-register[:N] (change N registers of the destination's vCPU 0 through its gdbstub before it "
                 "is read, restore them after) or stream-drop[:N] / stream-flip[:N] (the stream tap withholds, or "
-                "flips a byte in, N dirtyram page records of the final RAM section). The run must FAIL and name "
-                "those pages or registers."),
+                "flips a byte in, N dirtyram page records of the final RAM section) or stream-device (the tap "
+                "flips a byte of the device field timer/cpu_ticks_offset). The run must FAIL and name "
+                "those pages, registers or fields."),
     Option("capabilities", "--capability", KeyValues(booleans=True), {}, multiple=True, metavar="NAME=on|off",
            type="dict",
            help="Migration capability on both sides, e.g. multifd=on, xbzrle=on, auto-converge=on."),

@@ -136,6 +136,7 @@ class StreamInjector:
         self.kind, self.left, self.page_size, self.ram_block_bytes = kind, count, page_size, ram_block_bytes
         self.pages: list[int] = []  # image pages (4 KiB) touched
         self.records: list[dict] = []
+        self.fields: list[str] = []  # stream-device: the device field changed
         self._pos = 0
         self._found: list = []
         self._last_head: dict = {}  # (block, offset) -> the first 40 bytes last sent (injections only)
@@ -161,6 +162,8 @@ class StreamInjector:
         except StreamFormatError:
             self.left = 0  # the locator cannot follow: inject nothing more, forward as is
             return chunk
+        if self.kind == "stream-device":
+            return self._flip_device_field(chunk, start)
         if not self._found:
             return chunk
         out = bytearray(chunk)
@@ -186,5 +189,28 @@ class StreamInjector:
             del out[a:b]
         return bytes(out)
 
+    # stream-device: the first field of QEMU's "timer" section (every machine has one, version 2 in
+    # 7.2 and 10.0): cpu_ticks_offset, a be64 the guest does not read on ARM (its clock is
+    # cpu_clock_offset); its lowest byte is flipped, so the destination loads a value the source
+    # never had and the device-state comparison must name exactly timer/cpu_ticks_offset
+    DEVICE_FIELD = ("timer", 2, "timer/cpu_ticks_offset", 7)  # section, version, field, byte of the body
+
+    def _flip_device_field(self, chunk, start: int) -> bytes:
+        name, version, field, at = self.DEVICE_FIELD
+        for sec in self._locator.summary().device_sections:
+            if sec["name"] != name or sec["type"] != "FULL" or sec["version"] != version:
+                continue
+            rel = sec["stream_offset"] + 6 + len(name) + 8 + at - start  # header: type, id, len, name, instance, version
+            if 0 <= rel < len(chunk):
+                out = bytearray(chunk)
+                out[rel] ^= 0xFF
+                self.left = 0
+                self.fields = [field]
+                self.records.append({"section": name, "field": field, "stream_offset": rel + start})
+                return bytes(out)
+        return chunk
+
     def injection(self) -> dict:
+        if self.kind == "stream-device":
+            return {"kind": self.kind, "fields": list(self.fields), "records": self.records}
         return {"kind": self.kind, "pages": sorted(set(self.pages)), "records": self.records}

@@ -194,8 +194,12 @@ def _run_trial(trial, art, opts, sites: Sites, machine, accel, reporter, t_start
                                                             else sites.no_tap}
         if tap is not None and tap.injector is not None:
             trial.injection = tap.injector.injection()
-            reporter.step(f"trial {trial.index}: the tap {'withheld' if opts.inject[0] == 'stream-drop' else 'flipped a byte in'} "
-                          f"{len(trial.injection['records'])} page records of the final RAM section")
+            if opts.inject[0] == "stream-device":
+                reporter.step(f"trial {trial.index}: the tap flipped a byte of device field "
+                              f"{', '.join(trial.injection['fields']) or '(none found)'} in the stream")
+            else:
+                reporter.step(f"trial {trial.index}: the tap {'withheld' if opts.inject[0] == 'stream-drop' else 'flipped a byte in'} "
+                              f"{len(trial.injection['records'])} page records of the final RAM section")
         trial.timings["migration_s"] = round(time.monotonic() - t_mig, 3)
         trial.migration = result.figures
         trial.parameter_changes = result.parameter_changes
@@ -229,6 +233,8 @@ def _run_trial(trial, art, opts, sites: Sites, machine, accel, reporter, t_start
             reporter.step(f"trial {trial.index}: comparing device state (every field of every device section)")
             t_dev = time.monotonic()
             trial.device_state = read_device_state(src, dst, sites, tdir, tap, trial.stream.get("skipped"))
+            if opts.inject and opts.inject[0] == "stream-device":
+                trial.injection.update(_inject.check_fields(trial.injection["fields"], trial.device_state))
             trial.timings["device_state_s"] = round(time.monotonic() - t_dev, 3)
         else:
             trial.device_state = {"skipped": "--no-device-state"}
@@ -245,7 +251,7 @@ def _run_trial(trial, art, opts, sites: Sites, machine, accel, reporter, t_start
     trial.timings["compare_s"] = round(time.monotonic() - t_cmp, 3)
     if result.diff_count and tap is not None and tap.ledger is not None:
         trial.stream["provenance"] = trace(tap.ledger, result, trial.differences)
-    if trial.injection and trial.injection["kind"] != "cpu-register":
+    if trial.injection and trial.injection["kind"] not in ("cpu-register", "stream-device"):
         if "pages" not in trial.injection:
             raise MigrationError("--inject untracked-writes: the source never paused before switchover")
         trial.injection["addresses"] = [hex(machine.ram_base + p * 4096) for p in trial.injection["pages"]]

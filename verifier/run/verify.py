@@ -81,6 +81,9 @@ def verify(art: GuestArtifacts, opts: VerifyOptions, reporter: Reporter | None =
     if opts.inject and opts.inject[0] == "cpu-register" and not opts.cpu_state:
         raise InputError("--inject cpu-register plants a register difference for the CPU-state comparison: "
                          "it cannot be combined with --no-cpu-state")
+    if opts.inject and opts.inject[0] == "stream-device" and not opts.device_state:
+        raise InputError("--inject stream-device changes a device field for the device-state comparison: "
+                         "it cannot be combined with --no-device-state")
     if opts.inject and opts.inject[0].startswith("stream-") and not opts.stream:
         raise InputError(f"--inject {opts.inject[0]} changes the migration stream in the tap: "
                          f"it cannot be combined with --no-stream")
