@@ -13,7 +13,7 @@ same shape of stream is generated in memory instead. The file is read into memor
     on_page+content    StreamParser(on_page=callback, content=True)  (and a view of each page's bytes)
     no copies          StreamParser(xbzrle=False)
     full copies        StreamParser(xbzrle=True)         (every page's content kept)
-    parse_file         verifier.analysis.stream.parse_file(FILE) (1 MiB reads from the page cache)
+    parse_file         verifier.analysis.stream_files.parse_file(FILE) (1 MiB reads from the page cache)
 
 Run it from the repository root:
 
@@ -38,7 +38,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from verifier.analysis.stream import StreamParser, parse_file  # noqa: E402
+from verifier.analysis.stream import StreamParser  # noqa: E402
+from verifier.analysis.stream_files import parse_file  # noqa: E402
 
 RAM_BASE = 0x40000000  # virt
 FILL_OFFSET = 2 << 20  # leave the DTB at the bottom of RAM alone

@@ -1,10 +1,11 @@
 """`dirtylog stream FILE... [--json PATH]`: what recorded migration streams hold.
 
 Each FILE is the raw bytes of one migration channel: the main channel (e.g. written by QEMU with
-``migrate exec:cat > FILE`` or ``file:FILE``) or one multifd channel connection. Per file the
+``migrate exec:cat > FILE`` or ``file:FILE``), one multifd channel connection, or the postcopy-preempt
+channel (read with the main channel's page size and RAM blocks when the main channel is given too). Per file the
 command prints the stream version, the machine type, the RAM blocks, the iterations with their
 pages (full, zero, xbzrle; multifd and multifd-zero on multifd channels), the device sections and
-whether a VMDESCRIPTION was present. Parsing is verifier.analysis.stream; bad input (a missing
+whether a VMDESCRIPTION was present. Parsing is verifier.analysis.stream (files: stream_files); bad input (a missing
 file, bytes that are not a migration stream, an unknown flag) raises its typed InputError, which
 the CLI entry turns into one line and exit 2.
 
@@ -31,6 +32,8 @@ def _size(n: int) -> str:
 def _iteration_line(it: dict, kind: str) -> str:
     if kind == "main":
         return f"    {it['iteration']:>4}: {it['page']} full, {it['zero']} zero, {it['xbzrle']} xbzrle"
+    if kind == "preempt":
+        return f"    {it['iteration']:>4}: {it['page']} full, {it['zero']} zero"
     return f"    {it['iteration']:>4}: {it['multifd']} pages, {it['multifd-zero']} zero"
 
 
@@ -43,6 +46,9 @@ def render(summary) -> list[str]:
         head = (f"{name}: main channel, QEMU migration stream version {s.stream_version}, "
                 f"machine {s.machine or '?'}, page size {s.page_size}, {s.bytes} bytes, "
                 + ("complete (QEMU_VM_EOF)" if s.complete else "incomplete"))
+    elif s.kind == "preempt":
+        head = (f"{name}: postcopy-preempt channel, page size {s.page_size}, {s.bytes} bytes, "
+                + ("complete" if s.complete else "incomplete"))
     else:
         head = (f"{name}: multifd channel {s.multifd_id} ({s.channel}), packet version {s.stream_version}, "
                 f"page size {s.page_size}, {s.bytes} bytes, {s.packets} packets ({s.sync_packets} SYNC)")
@@ -57,6 +63,11 @@ def render(summary) -> list[str]:
         if s.ram_blocks:
             blocks = ", ".join(f"{b['name']} {_size(b['size'])}" for b in s.ram_blocks)
             lines.append(f"  RAM blocks: {blocks}")
+    elif s.kind == "preempt":
+        lines.append(f"  records: {r.get('page', 0)} full pages, {r.get('zero', 0)} zero pages, "
+                     f"{r.get('eos', 0)} EOS")
+        if s.ram_blocks:
+            lines.append(f"  RAM blocks: {', '.join(b['name'] for b in s.ram_blocks)}")
     else:
         lines.append(f"  records: {r.get('multifd', 0)} pages, {r.get('multifd-zero', 0)} zero pages")
     its = s.iterations
@@ -95,9 +106,10 @@ def register(cli_group: click.Group) -> None:
                   help="Also write every channel's summary (with the VMDESCRIPTION JSON) to this file.")
     def stream_cmd(files, json_path):
         """Print what recorded migration streams hold: per FILE (one channel's raw bytes: the main
-        channel or a multifd channel) the stream version, iterations with pages per iteration,
+        channel, a multifd channel or the postcopy-preempt channel) the stream version, iterations
+        with pages per iteration,
         bytes, RAM blocks, device sections and whether a VMDESCRIPTION was present."""
-        from verifier.analysis.stream import parse_files
+        from verifier.analysis.stream_files import parse_files
         summaries = parse_files(files)
         out = []
         for s in summaries:

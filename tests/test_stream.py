@@ -27,8 +27,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from verifier.analysis.stream import (MultifdChannelParser, PageRecord, StreamFormatError, StreamParser,
-                                      StreamSummary, parse_files, sniff)
+from verifier.analysis.stream import (MultifdChannelParser, PageRecord, PreemptChannelParser, StreamFormatError,
+                                      StreamParser, StreamSummary)
+from verifier.analysis.stream_files import parse_files, sniff
 from verifier.errors import InputError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -212,6 +213,32 @@ def ram_records(records, block=RAM_BLOCK):
     return [r for r in records if r.block == block]
 
 
+def stream_command(files, tmp_path: Path) -> tuple[str, list[dict]]:
+    """`dirtylog stream FILES --json` through click's runner: its text and its channels (in the order given),
+    each channel's pages per iteration adding up to its record counts."""
+    import click
+    from dirtylog.cli_stream import register
+
+    @click.group()
+    def group():
+        pass
+
+    register(group)
+    out = tmp_path / "stream.json"
+    res = CliRunner().invoke(group, ["stream", *map(str, files), "--json", str(out)])
+    assert res.exit_code == 0, (res.output, res.exception)
+    chans = json.loads(out.read_text())["channels"]
+    assert [c["path"] for c in chans] == [str(f) for f in files]
+    for c in chans:
+        assert c["complete"], c
+        keys = {"main": ("page", "zero", "xbzrle"), "multifd": ("multifd", "multifd-zero"),
+                "preempt": ("page", "zero")}[c["kind"]]
+        for k in keys:
+            assert sum(it[k] for it in c["iterations"]) == c["records"][k], (c["channel"], k)
+        assert f"{c['path']}: " in res.output
+    return res.output, chans
+
+
 # ============================================================================ a paused guest, one pass
 
 @pytest.fixture(scope="module")
@@ -320,13 +347,14 @@ def test_same_records_whatever_the_chunking(paused_stream):
     assert sa.to_dict() == sb.to_dict()
 
 
-def test_file_uri_stream_on_10(qemu, tmp_path):
-    if qemu.version[0] < 10:
-        pytest.skip("QEMU 7.2's file: URI is not there; exec: is tested on both")
+def test_file_or_exec_uri_stream_read_by_dirtylog_stream(qemu, tmp_path):
+    """A precopy stream written by QEMU itself: file: on 10.0; 7.2 has no file: migration, so exec: with
+    the stream through dd (another writer than the paused_stream fixture's cat). `dirtylog stream`
+    then reads it: every page of the guest once in its pages per iteration."""
     planted = write_planted(tmp_path / "pages.bin")
     out = tmp_path / "file-uri.bin"
-    migrate(qemu, tmp_path, guest_args([f"file={tmp_path / 'pages.bin'},addr=0x{RAM_BASE + PLANT_AT:x}"]),
-            f"file:{out}")
+    uri = f"file:{out}" if qemu.version[0] >= 10 else f"exec:dd of={out} bs=1M status=none"
+    migrate(qemu, tmp_path, guest_args([f"file={tmp_path / 'pages.bin'},addr=0x{RAM_BASE + PLANT_AT:x}"]), uri)
     records = []
     p = StreamParser(on_page=records.append)
     s = feed_in_chunks(p, out.read_bytes())
@@ -335,6 +363,10 @@ def test_file_uri_stream_on_10(qemu, tmp_path):
     assert len(by_off) == (MEM_MB << 20) // PS
     for off, content in planted.items():
         assert by_off[off].head == content[:40]
+    text, (chan,) = stream_command([out], tmp_path)
+    assert chan["records"] == s.records and chan["iterations"] == s.iterations
+    assert chan["records"]["page"] + chan["records"]["zero"] == len(records)
+    assert chan["machine"] == f"virt-{qemu.version[0]}.{qemu.version[1]}" and "complete (QEMU_VM_EOF)" in text
 
 
 def test_vexpress_one_kib_target_pages(qemu, tmp_path):
@@ -508,8 +540,11 @@ def test_xbzrle_decoded_pages_match_the_source(qemu, tmp_path):
     s2 = feed_in_chunks(StreamParser(on_page=heads.append), data)
     assert heads == every
     assert s2.records == s.records
-    # parse_files decodes it too
+    # parse_files decodes it too, and `dirtylog stream` prints the xbzrle pages per iteration
     assert parse_files([out])[0].records["xbzrle"] == s.records["xbzrle"]
+    text, (chan,) = stream_command([out], tmp_path)
+    assert chan["records"] == s.records and chan["iterations"] == s.iterations and "xbzrle" in chan["features"]
+    assert f"{s.records['xbzrle']} xbzrle pages" in text
     # without page copies an XBZRLE record cannot be decoded: a typed error, not a skip
     with pytest.raises(StreamFormatError, match=r"XBZRLE page .* at stream offset \d+"):
         feed_in_chunks(StreamParser(xbzrle=False), data)
@@ -586,6 +621,123 @@ def test_multifd_two_channels_cover_every_page(qemu, tmp_path):
     again = {s.channel: s for s in parse_files(files)}
     for s in summaries.values():
         assert again[s.channel].records == s.records
+    # and so does `dirtylog stream` on all three channels: every page of the guest once
+    text, chans = stream_command(files, tmp_path)
+    assert sorted(c["channel"] for c in chans) == ["main", "multifd-0", "multifd-1"]
+    for c in chans:
+        assert c["records"] == summaries[Path(c["path"])].records
+    assert sum(c["records"]["multifd"] for c in chans if c["kind"] == "multifd") == \
+        sum(1 for r in records if r.kind == "multifd")
+    assert text.count(": multifd channel ") == 2
+
+
+# ============================================================================ postcopy with preempt
+
+def _be64(buf, at: int) -> int:
+    return struct.unpack_from(">Q", buf, at)[0]
+
+
+ASKED_AT = 48 << 20  # pages the destination reads during postcopy (the main channel is far below then)
+ASKED = 16
+SLOW_AT = 8 << 20  # 2 MiB of random pages: at 1 MB/s the main channel is still there when postcopy runs
+
+
+@pytest.mark.root  # postcopy's userfaultfd needs CAP_SYS_PTRACE while vm.unprivileged_userfaultfd is 0
+def test_postcopy_preempt_streams_read_by_dirtylog_stream(qemu, tmp_path):
+    """Postcopy with postcopy-preempt between two real QEMUs through the stream tap (recording): the
+    source at 1 MB/s is still in the low random pages when postcopy starts; the paused destination
+    then reads 16 pages high up (pmemsave), which faults and asks for them over the return path, and
+    the source sends them urgently (10.0: all on the preempt channel; 7.2: some there, the rest on
+    main). `dirtylog stream` reads both recorded channels, and together they hold every page of
+    the guest exactly once, as the source has it."""
+    from verifier.run.qemu import QemuProcess
+    from verifier.run.streamtap import StreamTap
+    rng = random.Random(15)
+    slow, asked = rng.randbytes(2 << 20), rng.randbytes(ASKED * PS)
+    (tmp_path / "slow.bin").write_bytes(slow)
+    (tmp_path / "asked.bin").write_bytes(asked)
+    src_args = guest_args([f"file={tmp_path / 'slow.bin'},addr=0x{RAM_BASE + SLOW_AT:x}",
+                           f"file={tmp_path / 'asked.bin'},addr=0x{RAM_BASE + ASKED_AT:x}"])
+    caps = [{"capability": c, "state": True} for c in ("postcopy-ram", "postcopy-preempt")]
+    with QemuProcess(qemu, src_args, tmp_path, "src") as src, \
+            QemuProcess(qemu, guest_args([], extra=["-incoming", "defer"]), tmp_path, "dst") as dst:
+        for side in (src, dst):
+            side.qmp("migrate-set-capabilities", capabilities=caps)
+        src.qmp("migrate-set-parameters", **{"max-bandwidth": 1 << 20, "max-postcopy-bandwidth": 1 << 20})
+        with StreamTap(f"unix:{tmp_path / 'tap.sock'}", f"unix:{tmp_path / 'dst.sock'}", tmp_path,
+                       ram_block_bytes=MEM_MB << 20, record=True, page_size=PS) as tap:
+            dst.qmp("migrate-incoming", uri=f"unix:{tmp_path / 'dst.sock'}")
+            src.qmp("migrate", uri=tap.listen_uri)
+            time.sleep(0.3)
+            src.qmp("migrate-start-postcopy")
+            deadline = time.monotonic() + MIGRATION_TIMEOUT
+            while src.qmp("query-migrate")["status"] != "postcopy-active":
+                assert time.monotonic() < deadline, src.qmp("query-migrate")
+                time.sleep(0.02)
+            got = pmemsave(dst, tmp_path, ASKED_AT, ASKED * PS)  # faults: the pages are asked for
+            src.qmp("migrate-set-parameters", **{"max-postcopy-bandwidth": 0})
+            wait_migration(src)
+            while dst.qmp("query-migrate").get("status") != "completed":
+                assert time.monotonic() < deadline, dst.qmp("query-migrate")
+                time.sleep(0.02)
+        ram = pmemsave(src, tmp_path, 0, MEM_MB << 20)
+    assert got == asked
+    assert tap.errors == {}
+    files = [tmp_path / "stream-main.bin", tmp_path / "stream-preempt.bin"]
+    assert [sniff(f) for f in files] == ["main", "preempt"]
+    text, (main, preempt) = stream_command(files, tmp_path)
+
+    # the postcopy commands, once each; no VMDESCRIPTION (postcopy sends none)
+    for cmd in ("POSTCOPY_ADVISE", "POSTCOPY_LISTEN", "POSTCOPY_RUN", "PACKAGED"):
+        assert main["commands"].get(cmd) == 1, main["commands"]
+    assert main["commands"].get("POSTCOPY_RAM_DISCARD", 0) >= 1 and main["postcopy_ram"]
+    assert "packaged" in main["features"] and not main["vmdescription"]
+    assert len(main["iterations"]) >= 2  # precopy sections, then postcopy's
+    # the preempt channel: pages of the asked-for range only; 7.2 ends it with an EOS, 10.0 does not
+    assert preempt["kind"] == "preempt" and [b["name"] for b in preempt["ram_blocks"]] == [RAM_BLOCK]
+    assert preempt["records"]["eos"] == (1 if qemu.version[0] < 10 else 0), preempt
+    n = preempt["records"]["page"]
+    assert (n == ASKED) if qemu.version[0] >= 10 else (1 <= n <= ASKED), preempt
+    assert "postcopy-preempt channel" in text and f"{n} full pages, 0 zero pages" in text
+
+    # every page of the guest's RAM exactly once over both channels, with the source's content
+    records: list[PageRecord] = []
+    feed_in_chunks(StreamParser(on_page=records.append), files[0].read_bytes())
+    blocks = {b["name"]: b["size"] for b in main["ram_blocks"]}
+    s = feed_in_chunks(PreemptChannelParser(on_page=records.append, blocks=blocks), files[1].read_bytes())
+    assert s.records == preempt["records"]
+    records = ram_records(records)
+    by_off: dict[int, PageRecord] = {}
+    for r in records:
+        assert r.offset not in by_off, (r, by_off[r.offset])
+        by_off[r.offset] = r
+    assert sorted(by_off) == list(range(0, MEM_MB << 20, PS))
+    for off, r in by_off.items():
+        page = ram[off:off + PS]
+        assert (r.kind == "zero") == (page == bytes(PS)), r
+        if r.kind == "page":
+            assert r.head == page[:40], r
+    on_preempt = {off for off, r in by_off.items() if r.channel == "preempt"}
+    assert len(on_preempt) == n and on_preempt <= set(range(ASKED_AT, ASKED_AT + ASKED * PS, PS))
+    # the tap's ledger has them too, on the channel that carried them
+    led = tap.ledger.summary()
+    assert led["pages_sent"] == led["pages"] == (MEM_MB << 20) // PS and "preempt" in led["channels"]
+    for off in range(ASKED_AT, ASKED_AT + ASKED * PS, PS):
+        e = tap.ledger.entry(off // PS)
+        assert (e.channel, e.stream_offset) == (by_off[off].channel, by_off[off].stream_offset)
+
+    # bad preempt bytes: one typed error naming the flag and the offset, exit 2 from the command
+    data = bytearray(files[1].read_bytes())
+    last = max(r.stream_offset for r in records if r.channel == "preempt")
+    struct.pack_into(">Q", data, last, _be64(data, last) | 0x40)  # XBZRLE: never sent there
+    with pytest.raises(StreamFormatError, match=rf"XBZRLE.* on the postcopy-preempt channel .* at stream offset {last}"):
+        feed_in_chunks(PreemptChannelParser(blocks=blocks), bytes(data))
+    with pytest.raises(StreamFormatError, match=r"after the preempt channel's EOS"):
+        feed_in_chunks(PreemptChannelParser(blocks=blocks), struct.pack(">Q", 0x10) + bytes(files[1].read_bytes()[:9]))
+    bad = tmp_path / "bad-preempt.bin"
+    bad.write_bytes(data)
+    res = run_cli("stream", files[0], bad)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and f"at stream offset {last}" in res.stderr, res.stderr
 
 
 # ============================================================================ bad input

@@ -1,4 +1,4 @@
-"""Incremental parser of QEMU's migration stream (main channel and multifd channels).
+"""Incremental parser of QEMU's migration stream (main channel, multifd and postcopy-preempt channels).
 
 What is parsed (QEMU 7.2 and QEMU 10.0; differences in `VERSION_DIFFERENCES` below):
 
@@ -13,7 +13,10 @@ What is parsed (QEMU 7.2 and QEMU 10.0; differences in `VERSION_DIFFERENCES` bel
   any unknown bit) is a StreamFormatError naming the flag and the stream offset, never skipped;
 * a multifd channel (`MultifdChannelParser`): the initial packet (magic, version, uuid, channel
   id), then RAM packets (header, flags, normal and zero page offsets, page data); compressed
-  packets and device-state packets are refused by name.
+  packets and device-state packets are refused by name;
+* the postcopy-preempt channel (`PreemptChannelParser`): no header, RAM PAGE and ZERO records (with
+  block idstrs, in the main channel's record format) of pages the destination asked for during
+  postcopy, and possibly one final EOS; any other flag is refused.
 
 Framing of non-RAM sections. A device section body (FULL, or START/PART/END of an iterable
 section other than RAM) is not self-delimiting: only the vmstate descriptions compiled into QEMU
@@ -31,7 +34,8 @@ as a non-RAM section appears in it; a body must be shorter than `MAX_DEVICE_SECT
 header would be taken for the end (the VMDESCRIPTION check then reports it; streams without a
 VMDESCRIPTION are not checked). Not supported at all: mapped-ram (a 10.0 file layout, not a
 stream), RDMA, the 7.2 ``compress`` capability, multifd compression (zlib/zstd/qpl/uadk/qatzip),
-multifd device-state packets (VFIO), the postcopy-preempt channel.
+multifd device-state packets (VFIO), postcopy recovery (a preempt or main channel reconnected after a
+postcopy pause starts with RECV_BITMAP/RESUME exchanges this parser does not follow).
 
 What `PageRecord.iteration` counts. Main channel: the number of RAM sections (QEMU_VM_SECTION_PART
 or _END for "ram", each closed by RAM_SAVE_FLAG_EOS) that ended before the record, not counting
@@ -42,7 +46,9 @@ iterations; a paused guest's whole RAM normally goes out in iteration 0. Multifd
 number of MULTIFD_FLAG_SYNC packets received on that channel before the packet, not counting the
 first one (the setup sync, which precedes every page). QEMU 7.2 syncs at every RAM section end,
 so there it equals the main channel's count; QEMU 10.0 syncs once per pass over the bitmap (and
-marks it with MULTIFD_FLUSH on the main channel), so there it counts passes.
+marks it with MULTIFD_FLUSH on the main channel), so there it counts passes. Postcopy-preempt
+channel: it has no boundaries of its own; a live tap gives its records the main channel's current
+iteration (`iteration=`), a file read alone gives them 0.
 
 XBZRLE. A page sent as XBZRLE is a diff against the destination's current content of that page,
 i.e. the content last sent for it. That base page was sent before any XBZRLE record can appear
@@ -59,7 +65,7 @@ it when it differs from the target's minimum; without it the source uses that mi
 stream does not name: 4096 on x86, 1024 on ARM machines that set no minimum of their own
 (vexpress-a15; virt does, so its streams carry the subsection). `page_size` is that fallback; a
 1 KiB-page stream parsed with 4096 fails at its second record with an error saying so, and
-`parse_file` then reads the file again with smaller sizes.
+`verifier.analysis.stream_files.parse_file` then reads the file again with smaller sizes.
 
 Buffering: `feed` parses what it can directly from the caller's chunk and keeps at most the
 incomplete record at its end (a page, a multifd packet, a device section body, the VMDESCRIPTION).
@@ -70,7 +76,6 @@ from __future__ import annotations
 import json
 import struct
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import MappingProxyType
 from typing import Callable, Mapping
 
@@ -144,6 +149,17 @@ VERSION_DIFFERENCES = (
     ("MEM_SIZE page size field", "when postcopy-ram and block page size != qemu_host_page_size",
      "when postcopy-ram and block page size != max(host page size, target page size)",
      "read when POSTCOPY_ADVISE announced postcopy-ram and the next be64 is a page size"),
+    ("postcopy-preempt channel: when opened", "at the start of the migration (setup), so it exists even if "
+     "postcopy never starts", "when postcopy starts (postcopy_preempt_establish_channel; at setup only for "
+     "machine types <= 7.2, x-preempt-pre-7-2)", "the tap names it by elimination; an empty file whose name "
+     "says preempt is an empty preempt channel"),
+    ("postcopy-preempt channel: what it carries", "pages the destination asked for, sent by the migration "
+     "thread; only some go there (recorded: 1 of 16 asked for, the others on the main channel)",
+     "every page the destination asked for, sent from the return-path thread (ram_save_host_page_urgent), "
+     "unless the main channel is sending that host page at the time",
+     "both: PAGE/ZERO records with the channel's own last block, into the same ledger as channel 'preempt'"),
+    ("postcopy-preempt channel: its end", "one EOS when the migration completes (postcopy_preempt_shutdown_file)",
+     "no EOS (the source closes it) unless x-preempt-pre-7-2", "EOS optional; bytes after an EOS are refused"),
 )
 
 # The values behind the table, each used by the parser for both versions:
@@ -425,6 +441,11 @@ class StreamParser(_Incremental):
     def section_type(self) -> int:
         """The type (VM_SECTION_START/PART/END/FULL) of the section being read, 0 before the first."""
         return self._cur_type
+
+    @property
+    def iteration(self) -> int:
+        """The iteration the next RAM record of this channel belongs to (module docstring)."""
+        return self._iteration
 
     @property
     def blocks(self) -> Mapping[str, int]:
@@ -1304,106 +1325,128 @@ class MultifdChannelParser(_Incremental):
         return pos + MULTIFD_INIT_SIZE
 
 
-# =========================================================================== files
-CHUNK = 1 << 20
+# =========================================================================== postcopy-preempt channel
+class PreemptChannelParser(_Incremental):
+    """The postcopy-preempt channel (capability postcopy-preempt), fed incrementally.
 
+    What QEMU sends there (migration/ram.c, 7.2 and 10.0): no file header and no sections, only RAM
+    records in the main channel's record format for pages the destination faulted on and asked for
+    over the return path once postcopy runs (10.0: ram_save_host_page_urgent()): PAGE and ZERO
+    records (be64 offset | flags, the block idstr unless RAM_SAVE_FLAG_CONTINUE, the channel keeping
+    its own "last block"), and, from postcopy_preempt_shutdown_file(), one final EOS (always on 7.2,
+    on 10.0 only for machine types <= 7.2, property x-preempt-pre-7-2; see VERSION_DIFFERENCES). The
+    destination's ram_load_postcopy() accepts exactly PAGE, ZERO and EOS there; anything else is a
+    StreamFormatError naming the flag and the offset. XBZRLE never appears (not used in postcopy).
 
-def _read_into(parser, path: Path) -> None:
-    with open(path, "rb") as f:
-        buf = bytearray(CHUNK)
-        view = memoryview(buf)
-        while True:
-            n = f.readinto(buf)
-            if not n:
-                break
-            parser.feed(view[:n])
+    `blocks`: the main channel's RAM blocks (idstr -> used_length; a live mapping may be given, e.g.
+    StreamParser.blocks, since the preempt channel carries pages only after MEM_SIZE); None: offsets
+    are not checked. `page_size`: the main channel's. `iteration`: called per record, its value
+    becomes PageRecord.iteration (in the tap: the main channel's current iteration); without it 0 (the
+    channel has no passes of its own). `on_page`/`content` as for StreamParser. An empty channel (10.0
+    opens it when postcopy starts; with a paused destination nothing faults, so nothing is sent) is a
+    complete one."""
 
+    def __init__(self, on_page: Callable[..., None] | None = None, channel: str = "preempt",
+                 page_size: int = 4096, *, blocks: Mapping[str, int] | None = None,
+                 iteration: Callable[[], int] | None = None, content: bool = False):
+        super().__init__(channel)
+        if page_size < 1024 or page_size & (page_size - 1):
+            raise ValueError(f"page_size must be a power of two >= 1024, not {page_size}")
+        self.on_page = on_page
+        self.content = content
+        self.page_size = page_size
+        self._mask = page_size - 1
+        self._blocks = blocks
+        self._iteration_fn = iteration
+        self._block: str | None = None
+        self._eos = False
+        self._counts = {"page": 0, "zero": 0, "eos": 0}
+        self._seen_blocks: list[str] = []
+        self._s = StreamSummary(channel=channel, kind="preempt", page_size=page_size)
 
-def sniff(path: Path) -> str:
-    """"main" or "multifd" by the first 4 bytes; InputError for a missing file, StreamFormatError otherwise."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4)
-    except FileNotFoundError:
-        raise InputError(f"no such file: {path}") from None
-    except IsADirectoryError:
-        raise InputError(f"{path} is a directory, not a recorded migration stream") from None
-    except OSError as exc:
-        raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
-    if len(head) == 4:
-        magic = _BE32.unpack(head)[0]
-        if magic == FILE_MAGIC:
-            return "main"
-        if magic == MULTIFD_MAGIC:
-            return "multifd"
-    raise StreamFormatError(f"{path}: not a QEMU migration stream (neither a main channel, magic 'QEVM', nor a "
-                            f"multifd channel, magic 0x{MULTIFD_MAGIC:08x}; it starts with {head.hex() or 'nothing'})"
-                            f" at stream offset 0", offset=0)
+    def summary(self) -> StreamSummary:
+        s = self._s
+        s.bytes = self._total
+        s.records = dict(self._counts)
+        s.iterations = ([{"iteration": 0, "page": self._counts["page"], "zero": self._counts["zero"]}]
+                        if self._counts["page"] or self._counts["zero"] else [])
+        s.ram_blocks = [{"name": b, "size": self._blocks.get(b) if self._blocks is not None else None}
+                        for b in self._seen_blocks]
+        s.complete = not self._pending
+        return s
 
+    def close(self) -> StreamSummary:
+        self._closed = True
+        if self._pending:
+            raise self._err(f"stream truncated inside a RAM record ({len(self._pending)} of {self._need} bytes)",
+                            self._base)
+        return self.summary()
 
-def _parse_main(path: Path, page_size: int, on_page) -> StreamSummary:
-    """A main channel. A file can be read again, so a target page size smaller than `page_size` that the
-    configuration does not give (1 KiB on ARM machines such as vexpress-a15) is found by reading it again
-    with smaller sizes when the first reading fails on flag bits that are address bits at that size."""
-    ps = page_size
-    while True:
-        parser = StreamParser(on_page=on_page, page_size=ps)
-        try:
-            _read_into(parser, path)
-            return parser.close()
-        except StreamFormatError as exc:
-            if on_page is not None or parser.page_size_from_stream or ps // 2 < 1024 or \
-                    "unknown RAM flag bits" not in str(exc):
-                raise
-            ps //= 2
-
-
-def parse_file(path, kind: str | None = None, page_size: int = 4096, blocks: dict | None = None,
-               on_page=None) -> StreamSummary:
-    """One recorded channel, read in 1 MiB chunks. `page_size`: the target's minimum page size, used when
-    the stream's configuration does not give one (main channels: smaller sizes are tried when the records
-    show it); for a multifd channel, the main channel's page size."""
-    path = Path(path)
-    kind = kind or sniff(path)
-    try:
-        if kind == "main":
-            s = _parse_main(path, page_size, on_page)
-        else:
-            parser = MultifdChannelParser(on_page=on_page, page_size=page_size, blocks=blocks)
-            _read_into(parser, path)
-            s = parser.close()
-    except StreamFormatError as exc:
-        raise StreamFormatError(f"{path}: {exc}", offset=exc.offset, channel=exc.channel) from None
-    except OSError as exc:
-        raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
-    s.path = str(path)
-    return s
-
-
-def parse_files(paths) -> list[StreamSummary]:
-    """Summaries of recorded channels (raw bytes of one connection per file), in the order given. Main
-    channels are read first so that multifd channels get their page size and RAM blocks."""
-    paths = [Path(p) for p in paths]
-    kinds = [sniff(p) for p in paths]
-    out: dict[int, StreamSummary] = {}
-    main: StreamSummary | None = None
-    for i, (p, k) in enumerate(zip(paths, kinds)):
-        if k == "main":
-            out[i] = parse_file(p, k)
-            main = main or out[i]
-    for i, (p, k) in enumerate(zip(paths, kinds)):
-        if k == "multifd":
-            # With multifd every page travels on the channels, so a main channel whose configuration
-            # names no page size (vexpress-a15) cannot show one: try the ARM minimum sizes too.
-            first = main.page_size if main else 4096
-            blocks = {b["name"]: b["size"] for b in main.ram_blocks} if main else None
-            error = None
-            for size in dict.fromkeys((first, 1024, 2048, 4096)):
-                try:
-                    out[i] = parse_file(p, k, page_size=size, blocks=blocks)
-                    break
-                except StreamFormatError as exc:
-                    error = error or exc
+    def _parse(self, buf, pos, end, delta):
+        ps = self.page_size
+        mask = self._mask
+        while pos < end:
+            if self._eos:
+                raise self._err(f"{end - pos} bytes after the preempt channel's EOS", pos + delta)
+            if end - pos < 8:
+                raise _Need(pos, 8)
+            hdr = _BE64.unpack_from(buf, pos)[0]
+            flags = hdr & mask
+            off = hdr - flags
+            if flags == FLAG_EOS:
+                self._counts["eos"] += 1
+                self._eos = True
+                pos += 8
+                continue
+            kind = flags & ~FLAG_CONTINUE
+            if kind not in (FLAG_PAGE, FLAG_ZERO):
+                why = f"flags 0x{flags:x} ({_flag_names(flags)})" if flags else "no flags"
+                raise self._err(f"RAM record with {why} on the postcopy-preempt channel (only PAGE, ZERO "
+                                f"and EOS are sent there)", pos + delta)
+            c = pos + 8
+            if flags & FLAG_CONTINUE:
+                if self._block is None:
+                    raise self._err(f"RAM_SAVE_FLAG_CONTINUE (flags 0x{flags:x}) with no previous RAM block",
+                                    pos + delta)
+                block = self._block
             else:
-                raise error
-    return [out[i] for i in range(len(paths))]
+                if end - c < 1:
+                    raise _Need(pos, 9)
+                n = buf[c]
+                if end - c < 1 + n:
+                    raise _Need(pos, 9 + n)
+                block = bytes(buf[c + 1:c + 1 + n]).decode("ascii", "replace")
+                if n == 0 or (self._blocks is not None and block not in self._blocks):
+                    raise self._err(f"page of RAM block {block!r}, which the main channel's MEM_SIZE did not "
+                                    f"list", pos + delta)
+                c += 1 + n
+            if self._blocks is not None and off >= self._blocks[block]:
+                raise self._err(f"page offset 0x{off:x} beyond RAM block {block} (0x{self._blocks[block]:x} "
+                                f"bytes)", pos + delta)
+            if kind == FLAG_PAGE:
+                nxt = c + ps
+            else:
+                nxt = c + 1
+            if end < nxt:
+                raise _Need(pos, nxt - pos)
+            if kind == FLAG_ZERO and buf[c]:
+                raise self._err(f"zero page record with fill byte 0x{buf[c]:02x}", c + delta)
+            if block != self._block:
+                self._block = block
+                if block not in self._seen_blocks:
+                    self._seen_blocks.append(block)
+            rkind = "page" if kind == FLAG_PAGE else "zero"
+            self._counts[rkind] += 1
+            if self.on_page is not None:
+                it = self._iteration_fn() if self._iteration_fn is not None else 0
+                head = bytes(buf[c:c + PAGE_HEAD]) if rkind == "page" else None
+                rec = _new_record(block, off, rkind, it, self.channel, pos + delta, head)
+                if not self.content:
+                    self.on_page(rec)
+                elif rkind == "page":
+                    with memoryview(buf) as view:
+                        _call_with_view(self.on_page, rec, view, c, nxt)
+                else:
+                    self.on_page(rec, None)
+            pos = nxt
+        return pos

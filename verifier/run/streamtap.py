@@ -12,8 +12,8 @@ import threading
 from pathlib import Path
 
 from verifier.analysis.provenance import PageLedger
-from verifier.analysis.stream import (FLAG_CONTINUE, VM_SECTION_END, MultifdChannelParser, StreamFormatError,
-                                      StreamParser)
+from verifier.analysis.stream import (FLAG_CONTINUE, VM_SECTION_END, MultifdChannelParser, PreemptChannelParser,
+                                      StreamFormatError, StreamParser)
 from verifier.run.tap import Tap
 
 MULTIFD_MAGIC = b"\x11\x22\x33\x44"
@@ -29,6 +29,7 @@ class StreamTap:
         self.page_size = page_size  # the machine's target page (the stream's record size)
         self.xbzrle = xbzrle  # keep whole pages to decode XBZRLE records (one copy of guest RAM)
         self.ledger: PageLedger | None = None
+        self._blocks_scanned = 0  # how many MEM_SIZE blocks _main_block last looked at
         self.parsers: dict[str, object] = {}
         self.errors: dict[str, str] = {}
         self.summaries: dict[str, dict] = {}
@@ -57,7 +58,15 @@ class StreamTap:
             # its iteration: the channel's own SYNC packets (passes on 10.0, sections on 7.2)
             return MultifdChannelParser(on_page=self._on_page, channel=channel, page_size=self.page_size,
                                         content=True)
-        return None  # a channel carrying no RAM pages (postcopy preempt): forwarded, not parsed
+        # the postcopy-preempt channel (the tap names it by elimination): RAM records of the pages the
+        # destination asked for, checked against the main channel's blocks (MEM_SIZE precedes postcopy),
+        # each given the main channel's current iteration
+        main = self.parsers.get("main")
+        if isinstance(main, StreamParser):
+            return PreemptChannelParser(on_page=self._on_page, channel=channel, page_size=main.page_size,
+                                        blocks=main.blocks, iteration=lambda: main.iteration, content=True)
+        return PreemptChannelParser(on_page=self._on_page, channel=channel, page_size=self.page_size,
+                                    content=True)
 
     def _on_data(self, channel: str, chunk: bytes) -> None:
         if channel in self.errors:
@@ -74,6 +83,13 @@ class StreamTap:
             self.errors[channel] = f"internal parser error: {type(exc).__name__}: {exc}"
 
     def _on_page(self, rec, content=None) -> None:
+        """One record of any channel into the ledger, in the order the tap read them. Across channels
+        "last" is that order, which is the destination's: a channel's record reaches the tap before the
+        destination can read it, and a page goes on the preempt channel only after the destination, in
+        postcopy, asked for it, i.e. after it had read every earlier main-channel copy of that page (then
+        discarded by POSTCOPY_RAM_DISCARD if dirtied again). Once postcopy runs the source is stopped,
+        so a page sent on both main and preempt then has the same content whichever came last (and the
+        destination keeps the first it placed: userfaultfd places a page once)."""
         with self._lock:
             if self.ledger is None:
                 block = self._main_block()
@@ -84,9 +100,14 @@ class StreamTap:
                                None if rec.kind in ("zero", "multifd-zero") else content)
 
     def _main_block(self) -> str | None:
-        """The guest's main RAM: the block whose size is the guest's RAM (MEM_SIZE's list)."""
+        """The guest's main RAM: the block whose size is the guest's RAM (MEM_SIZE's list). Called per page
+        until the ledger exists: the list is scanned only when it changed (MEM_SIZE is read whole), so a
+        stream whose blocks never match costs one length check per page."""
         main = self.parsers.get("main")
         blocks = main.blocks if main is not None else {}
+        if len(blocks) == self._blocks_scanned:
+            return None
+        self._blocks_scanned = len(blocks)
         for name, size in blocks.items():
             if size == self.ram_block_bytes:
                 return name
