@@ -25,6 +25,7 @@ from builder.machines import MACHINES
 from verifier.run.hosts import (HostAuthError, HostKeyError, HostSetupError, HostUnreachable, LocalHost, SshHost, SshOptions, TwoHosts, make_host, prepare_hosts, qemu_report)
 from verifier.analysis.remote_compare import RemoteImage, compare_remote_images
 from verifier.run.sites import run_two_host_trial
+from verifier.reports.report import checks
 from verifier.reports.report import TrialResult
 from verifier.run.verify import Reporter, VerifyOptions, _accel_spec
 from verifier.run.workload import Workload
@@ -295,7 +296,7 @@ def test_migration_across_namespaces_passes(hosts, artifacts, tmp_path):
     trial = _trial(tmp_path, artifacts, hosts, StepReporter(), workloads=(Workload(256, 16, 100),))
     if _known_72_loss(trial):
         pytest.xfail(f"QEMU 7.2 lost dirty pages after {trial.migration['dirty_sync_count']} passes")
-    assert trial.verdict == "pass", (trial.compare, trial.resume)
+    assert trial.verdict == "pass", (checks(trial), trial.device_state, trial.compare, trial.resume)
     assert trial.resume["ok"]
     assert trial.compare["hosts"]["migration_uri"].startswith("tcp:10.242.0.2:")
     t = trial.compare["transfer"]
@@ -345,7 +346,7 @@ def mixed_hosts(state):
 def _assert_verified(trial, uri_prefix: str):
     if _known_72_loss(trial):
         pytest.xfail(f"QEMU 7.2 lost dirty pages after {trial.migration['dirty_sync_count']} passes")
-    assert trial.verdict == "pass", (trial.compare, trial.resume)
+    assert trial.verdict == "pass", (checks(trial), trial.device_state, trial.compare, trial.resume)
     assert trial.resume["ok"] and trial.migration["status"] == "completed"
     assert trial.compare["hosts"]["migration_uri"].startswith(uri_prefix)
     assert trial.compare["page_count"] == 128 * 256 and trial.compare["diff_count"] == 0
