@@ -6,6 +6,7 @@ bandwidth-limited precopy loses dirty pages; with one vCPU it does not.
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -115,6 +116,19 @@ def test_multithreaded_tcg_with_limited_bandwidth_is_reported_as_stale_pages(art
             assert all(d["provenance"]["classes"] == {"not-resent": d["pages"]} for d in stale), \
                 [d.get("provenance") for d in stale]
             assert all("last sent in iteration" in d["provenance"]["text"] for d in stale)
+            # ... in which pass, i.e. after which dirty-bitmap sync the lost write happened (from the
+            # source's MIGRATION_PASS events and the tap's clock), within the migration's own syncs
+            syncs = t["migration"]["dirty_sync_count"]
+            table = t["stream"]["provenance"]["syncs"]
+            assert table["dirty_sync_count"] == syncs and table["basis"] == "MIGRATION_PASS events", table
+            for d in stale:
+                text = d["provenance"]["text"]
+                m = re.search(r"\(pass (\d+)(?:-(\d+))? of (\d+)\) on channel main.*; source gen \d+ "
+                              r"written after sync (\d+)(?:-(\d+))? and not sent again", text)
+                assert m, text
+                lo, hi = int(m[4]), int(m[5] or m[4])
+                assert (int(m[1]), int(m[2] or m[1]), int(m[3])) == (lo, hi, syncs), text
+                assert 1 <= lo <= hi <= syncs and d["provenance"]["sync"] == [lo, hi], (text, syncs)
         if "stale" in all_kinds:
             break
     assert "stale" in all_kinds, all_kinds

@@ -20,13 +20,37 @@ Each differing page is then classified by comparing the copy sent with both imag
 - CORRUPT_IN_STREAM: the copy sent is content the source never had: a dirtyram page whose body is
   not zero, or whose header names another page (transport or encoding corruption).
 - DESTINATION_DIVERGED: the destination holds neither the copy sent nor the source's content.
+
+Which dirty-bitmap sync each iteration was sent under (`sync_table`, one entry per channel and
+iteration, none per page). QEMU syncs the dirty bitmap (migration_bitmap_sync: +1 to
+`dirty-sync-count`, then a MIGRATION_PASS event when the `events` capability is on) only in the
+migration thread, between two RAM sections: in setup (ram_init_bitmaps, before any page), in
+ram_save_pending (7.2) / ram_state_pending_exact (10.0) before the next ram_save_iterate, at the
+start of ram_save_complete (the END section's pages), and when postcopy starts. So every record of
+one RAM section was read from the bitmap of one sync: "pass k" is what the bitmap of sync k sent.
+(One exception, not accounted for: with auto-converge, 10.0's cpu_throttle_dirty_sync_timer_tick
+syncs from the main loop when no sync happened for 5 s, possibly inside a section.)
+The tap stamps (time.time()) the chunk that carried each iteration's first and last record
+(verifier.run.streamtap.SectionClock); the source's MIGRATION_PASS events (QMP timestamps, the same
+clock) and its query-migrate polls (the time each was sent and answered) are in timeline.jsonl. A
+section the tap began reading before QEMU finished writing it (provable from the socket
+buffering: QEMU cannot run more than that ahead of the tap) is in pass k, k the last sync whose
+event precedes that first read: exact. A short section that may have been written whole before
+the tap read it gets a range, from the last sync surely before it was written to the one in
+effect when it was read ("pass 1-2"); so does everything when only polls are there (a sync
+between two polls). The main channel's END section of a precopy migration is in the last pass
+(ram_save_complete syncs before its pages). A multifd channel of 10.0 counts rounds over the
+bitmap (MULTIFD_FLUSH on the main channel marks the end of a round in find_dirty_block, not a
+sync: a round's pages can come from two bitmaps), so its iterations get the range from the first to the last record.
 """
 
 from __future__ import annotations
 
+import json
 import zlib
 from array import array
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from verifier.analysis.pageheader import HEADER_SIZE, MAGIC_BYTES, decode
 
@@ -91,6 +115,7 @@ class PageLedger:
         self.other_blocks: dict[str, int] = {}  # records of blocks not in the ledger, counted
         self.records = 0
         self.last_iteration = 0
+        self.syncs: dict | None = None  # sync_table(): per (channel, iteration), set by the tap at its end
         self._zero_crc = zlib.crc32(bytes(page_size))
 
     @property
@@ -146,6 +171,136 @@ class PageLedger:
 
 
 @dataclass
+class SyncObservations:
+    """What the source said about its dirty-bitmap syncs during one migration (timeline.jsonl)."""
+
+    events: list[tuple[float, int]] = field(default_factory=list)  # MIGRATION_PASS: (time.time(), pass)
+    polls: list[tuple[float, float, int]] = field(default_factory=list)  # query-migrate: sent, answered, count
+    final: int | None = None  # dirty-sync-count of the last sample
+    postcopy: bool = False  # a sample was postcopy-active (ram_save_complete then does not sync)
+
+    @property
+    def start(self) -> float | None:
+        times = [p[0] for p in self.polls] + [e[0] for e in self.events]
+        return min(times) if times else None
+
+    @property
+    def events_complete(self) -> bool:
+        """Every sync 1..final has its event (the `events` capability was on from the start)."""
+        return bool(self.events) and sorted(k for _, k in self.events) == list(range(1, (self.final or 0) + 1))
+
+
+def read_sync_observations(path: Path) -> SyncObservations:
+    """The MIGRATION_PASS events and the timed query-migrate samples of a timeline.jsonl written by
+    verifier.run.migration.run_migration (samples without `wall`, from older runs, are skipped)."""
+    obs = SyncObservations()
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return obs
+    for line in lines:
+        try:
+            sample = json.loads(line)
+        except ValueError:
+            continue
+        count = (sample.get("ram") or {}).get("dirty-sync-count")
+        if count is not None:
+            obs.final = count
+        if str(sample.get("status", "")).startswith("postcopy"):
+            obs.postcopy = True
+        wall = sample.get("wall")
+        if wall and count is not None:
+            obs.polls.append((wall[0], wall[1], count))
+        for ev in sample.get("passes") or ():
+            obs.events.append((ev["time"], ev["pass"]))
+    obs.events.sort()
+    return obs
+
+
+def sync_in_effect(t: float, obs: SyncObservations, t_early: float | None = None) -> tuple[int, int] | None:
+    """The sync whose bitmap was in use when QEMU wrote a RAM section: (lo, hi), lo == hi when exact.
+    The section was being written at time `t` (or, with `t_early`, it started between `t_early` and
+    `t`). A pure function of the observations (module docstring): a MIGRATION_PASS event of sync k
+    before the start gives >= k, one after `t` gives <= k - 1 (no section is written during a
+    sync); a poll answered before the start gives >= its count, one sent after `t` <= its count.
+    None when nothing was observed."""
+    if not obs.events and not obs.polls:
+        return None
+    early = t if t_early is None else t_early
+    lo, hi = 1, obs.final  # the setup sync precedes every page; no sync after the last sample
+    for when, k in obs.events:
+        if when < early:
+            lo = max(lo, k)
+        elif when > t:
+            hi = k - 1 if hi is None else min(hi, k - 1)
+    for sent, answered, count in obs.polls:
+        if answered <= early:
+            lo = max(lo, count)
+        if sent >= t:
+            hi = count if hi is None else min(hi, count)
+    if hi is None:
+        hi = lo
+    return (lo, hi) if lo <= hi else (hi, lo)  # contradicting observations (a clock step): the range
+
+
+def sync_table(groups: list[dict], obs: SyncObservations, rounds: tuple[str, ...] = ()) -> dict:
+    """Per channel and iteration, the pass (the sync in effect) its records were sent in.
+
+    `groups`: [{channel, iteration, records, first, last, before, during, end}]: the tap's time.time()
+    of the chunk that carried the group's first and last record; `before`, a time at which QEMU had
+    not yet written the first record, and `during`, one at which it had not finished writing the
+    last (both from the socket buffering, see verifier.run.streamtap; None when unknown). When
+    first <= during, the tap read the group while it was being written and the pass is exact;
+    otherwise it lies between the sync before `before` and the one in effect at `first`. A channel
+    in `rounds` (10.0 multifd: its iteration is a round over the bitmap, which may span a sync) gets
+    the range from `before` to its last record. The main channel's END section (`end`) of a precopy
+    migration is in the last pass: ram_save_complete syncs before its first page."""
+    t0 = obs.start
+    rows = []
+    for g in sorted(groups, key=lambda g: g["first"]):
+        before, during = g.get("before"), g.get("during")
+        if g["channel"] in rounds:
+            a = sync_in_effect(g["last"], obs, t_early=before if before is not None else float("-inf"))
+            how = "round"
+        elif during is not None and g["first"] <= during:
+            a = sync_in_effect(g["first"], obs)
+            how = "read while written"
+        else:
+            a = sync_in_effect(g["first"], obs, t_early=before if before is not None else float("-inf"))
+            how = "read after it was written"
+        if g.get("end") and not obs.postcopy and obs.final and a is not None and a[0] <= obs.final <= a[1]:
+            a, how = (obs.final, obs.final), "END section: ram_save_complete syncs before its pages"
+        row = {"channel": g["channel"], "iteration": g["iteration"], "records": g["records"],
+               "sync": list(a) if a is not None else None, "how": how}
+        if t0 is not None:
+            row["first_s"] = round(g["first"] - t0, 4)
+            row["last_s"] = round(g["last"] - t0, 4)
+        rows.append(row)
+    if obs.events_complete:
+        basis = "MIGRATION_PASS events"
+    elif obs.events:
+        basis = "MIGRATION_PASS events (not every sync) and query-migrate polls"
+    elif obs.polls:
+        basis = "query-migrate polls"
+    else:
+        basis = None
+    return {"basis": basis, "dirty_sync_count": obs.final, "events": len(obs.events), "polls": len(obs.polls),
+            "rounds": list(rounds), "iterations": rows,
+            "ambiguous": sum(1 for r in rows if r["sync"] is not None and r["sync"][0] != r["sync"][1])}
+
+
+def sync_index(table: dict | None) -> dict:
+    """(channel, iteration) -> (lo, hi) of a sync_table()."""
+    if not table:
+        return {}
+    return {(r["channel"], r["iteration"]): tuple(r["sync"]) for r in table["iterations"] if r["sync"] is not None}
+
+
+def _span(s: tuple[int, int]) -> str:
+    return str(s[0]) if s[0] == s[1] else f"{s[0]}-{s[1]}"
+
+
+@dataclass
 class Provenance:
     page: int
     cls: str
@@ -153,11 +308,13 @@ class Provenance:
     src_gen: int | None = None
     sent_gen: int | None = None
     note: str = ""
+    sync: tuple[int, int] | None = None  # the pass of the last copy sent: (lo, hi) of sync_table
 
     def to_dict(self) -> dict:
         return {"page": self.page, "class": self.cls, "sentence": SENTENCES[self.cls],
                 "ledger": self.entry.to_dict() if self.entry else None, "source_generation": self.src_gen,
-                "sent_generation": self.sent_gen, "note": self.note}
+                "sent_generation": self.sent_gen, "note": self.note,
+                "sync": list(self.sync) if self.sync is not None else None}
 
 
 def classify(ledger: PageLedger, page: int, src_page: bytes, dst_page: bytes) -> Provenance:
@@ -213,19 +370,29 @@ def _classify_part(ledger: PageLedger, page: int, unit: int, src: bytes, dst: by
     return Provenance(page, NOT_RESENT, e, src_gen, sent_gen)
 
 
-def provenance_line(p: Provenance, iterations: int) -> str:
-    """`last sent in iteration 3 of 6 on channel main, gen 41; source gen 44` and the class."""
+def provenance_line(p: Provenance, iterations: int, syncs: int | None = None) -> str:
+    """`last sent in iteration 21 of 22 (pass 5 of 6) on channel main, gen 41; source gen 44
+    written after sync 5 and not sent again` and the class; `syncs`: the migration's
+    dirty-sync-count, p.sync the pass of the last copy sent (a range `4-5` when not exact)."""
     if p.entry is None:
         return SENTENCES[p.cls]
-    where = f"last sent in iteration {p.entry.iteration} of {iterations} on channel {p.entry.channel}"
+    where = f"last sent in iteration {p.entry.iteration} of {iterations}"
+    if p.sync is not None:
+        where += f" (pass {_span(p.sync)}" + (f" of {syncs})" if syncs else ")")
+    where += f" on channel {p.entry.channel}"
     if p.entry.kind not in ("page", "multifd"):
         where += f" as a {p.entry.kind} record"
     if p.sent_gen is not None:
         where += f", gen {p.sent_gen}"
+    changed = p.cls == NOT_RESENT and (p.sent_gen is None or p.src_gen is None or p.src_gen > p.sent_gen)
     if p.src_gen is not None:
         where += f"; source gen {p.src_gen}"
-        if p.cls == NOT_RESENT and p.sent_gen is not None and p.src_gen > p.sent_gen:
+        if changed and p.sync is not None:
+            where += f" written after sync {_span(p.sync)} and not sent again"
+        elif changed and p.sent_gen is not None:
             where += ", written after that send and not sent again"
+    elif changed and p.sync is not None:
+        where += f"; the source's page written after sync {_span(p.sync)} and not sent again"
     return f"{SENTENCES[p.cls]}: {where}" + (f" ({p.note})" if p.note else "")
 
 
@@ -235,19 +402,28 @@ MAX_PAGES_IN_REPORT = 1000
 def trace(ledger: PageLedger, result, ranges: list[dict], limit: int = 100_000) -> dict:
     """Classify the differing pages of `result` (a CompareResult; the first `limit`) against the
     ledger, add each range's `provenance` (class counts and the first page's line) to the range
-    dicts of the diagnosis, and return the counts and the ledger's entries of those pages."""
+    dicts of the diagnosis, and return the counts, the ledger's entries of those pages (each with
+    the pass its last copy was sent in) and the ledger's sync table (`syncs`, see sync_table)."""
     from collections import Counter
 
     from verifier.analysis.compare import read_page_pairs
     pages = result.diff_pages[:limit]
     provs = {p: classify(ledger, p, a, b) for p, a, b in read_page_pairs(result.src, result.dst, pages,
                                                                          result.page_size)}
+    index = sync_index(ledger.syncs)
+    for p in provs.values():
+        if p.entry is not None:
+            p.sync = index.get((p.entry.channel, p.entry.iteration))
+    total = ledger.syncs.get("dirty_sync_count") if ledger.syncs else None
     for r in ranges:
         inside = [provs[p] for p in range(r["first_page"], r["last_page"] + 1) if p in provs]
         if inside:
             r["provenance"] = {"classes": dict(Counter(p.cls for p in inside)),
-                               "text": provenance_line(inside[0], ledger.last_iteration)}
+                               "text": provenance_line(inside[0], ledger.last_iteration, total)}
+            if inside[0].sync is not None:
+                r["provenance"]["sync"] = list(inside[0].sync)
     listed = list(provs.values())
     return {"counts": dict(Counter(p.cls for p in listed)), "iterations": ledger.last_iteration,
+            "dirty_sync_count": total, "syncs": ledger.syncs,
             "pages": [p.to_dict() for p in listed[:MAX_PAGES_IN_REPORT]],
             "pages_not_listed": max(0, len(listed) - MAX_PAGES_IN_REPORT), "not_classified": result.diff_count - len(listed)}

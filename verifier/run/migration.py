@@ -89,6 +89,10 @@ def configure(src: QemuProcess, dst: QemuProcess, policy: MigrationPolicy) -> No
     if policy.before_switchover is not None:
         src.qmp("migrate-set-capabilities",
                 capabilities=[{"capability": "pause-before-switchover", "state": True}])
+    if "events" not in policy.capabilities:
+        # MIGRATION_PASS at every dirty-bitmap sync, timestamped by QEMU: which pass sent which page
+        # (verifier.analysis.provenance.sync_table); the stream is the same with or without it
+        src.qmp("migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}])
     if policy.parameters:
         src.qmp("migrate-set-parameters", **policy.parameters)
         shared = {k: v for k, v in policy.parameters.items() if k in BOTH_SIDES_PARAMETERS}
@@ -135,14 +139,20 @@ def run_migration(src: QemuProcess, dst: QemuProcess, uri: str, policy: Migratio
     src.qmp("migrate", uri=uri)
     with open(timeline_path, "w") as timeline:
         while True:
+            sent = time.time()
             info = src.qmp("query-migrate")
+            answered = time.time()
             now = time.monotonic() - t0
             status = info.get("status", "none")
             ram = _ram(info)
             sync = ram.get("dirty-sync-count", 0)
             peak_dirty_rate = max(peak_dirty_rate, ram.get("dirty-pages-rate", 0))
             sample = {"t": round(now, 3), "status": status, "ram": ram,
-                      "expected-downtime": info.get("expected-downtime")}
+                      "expected-downtime": info.get("expected-downtime"),
+                      "wall": [round(sent, 6), round(answered, 6)]}  # time.time() around the query
+            passes = _passes(src)
+            if passes:
+                sample["passes"] = passes
             for key in ("xbzrle-cache", "cpu-throttle-percentage", "dirty-limit-throttle-time-per-round"):
                 if key in info:
                     sample[key] = info[key]
@@ -212,6 +222,21 @@ def run_migration(src: QemuProcess, dst: QemuProcess, uri: str, policy: Migratio
             f"the migration completed after {ram.get('dirty-sync-count')} dirty-bitmap syncs: a "
             "single pass while the workload ran tests little (use --min-passes or lower --max-bandwidth)")
     return MigrationResult(figures=figures, samples=samples, parameter_changes=changes, warnings=warnings)
+
+
+def _passes(src) -> list[dict]:
+    """The MIGRATION_PASS events received since the last sample: each sync's number and QEMU's
+    timestamp of it (time.time()'s clock); nothing from a source object without QMP events."""
+    take = getattr(src, "take_events", None)
+    if take is None:
+        return []
+    out = []
+    for ev in take("MIGRATION_PASS"):
+        ts = ev.get("timestamp") or {}
+        data = ev.get("data") or {}
+        if "pass" in data and "seconds" in ts:
+            out.append({"pass": data["pass"], "time": ts["seconds"] + ts.get("microseconds", 0) / 1e6})
+    return out
 
 
 def _wait_status(proc: QemuProcess, wanted: tuple[str, ...], timeout: float) -> str:

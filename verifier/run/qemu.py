@@ -375,6 +375,19 @@ class QemuProcess:
         self._log_qmp("<", {"return": result})
         return result
 
+    def take_events(self, name: str) -> list[dict]:
+        """The QMP events named `name` received so far (during earlier qmp() calls) and not yet
+        taken, oldest first, each logged to qmp-<name>.log; other events are dropped."""
+        if self._qmp is None:
+            return []
+        taken = []
+        for msg in self._qmp.events.clear():
+            ev = dict(msg)
+            if ev.get("event") == name:
+                self._log_qmp("<", ev)
+                taken.append(ev)
+        return taken
+
     def _log_qmp(self, direction: str, msg: dict) -> None:
         line = f"{direction} {json.dumps(msg, default=str)}"
         if self._qmp_log is not None:

@@ -8,10 +8,12 @@ and the report says where parsing stopped and why.
 
 from __future__ import annotations
 
+import bisect
 import threading
+import time
 from pathlib import Path
 
-from verifier.analysis.provenance import PageLedger
+from verifier.analysis.provenance import PageLedger, read_sync_observations, sync_table
 from verifier.analysis.stream import (FLAG_CONTINUE, VM_SECTION_END, MultifdChannelParser, PreemptChannelParser,
                                       StreamFormatError, StreamParser)
 from verifier.run.tap import Tap
@@ -34,6 +36,8 @@ class StreamTap:
         self.errors: dict[str, str] = {}
         self.summaries: dict[str, dict] = {}
         self._lock = threading.Lock()
+        self.clock = SectionClock(socket_buffering(listen_uri))
+        self.syncs: dict | None = None  # sync_table() once closed
         self.injector = StreamInjector(inject[0], inject[1], page_size, ram_block_bytes) if inject else None
         self.tap = Tap(listen_uri, target_uri, directory, record=record, on_data=self._on_data,
                        transform=self.injector.transform if self.injector else None)
@@ -76,6 +80,7 @@ class StreamTap:
                 self.parsers[channel] = self._parser(channel, bytes(chunk[:4]))
             parser = self.parsers[channel]
             if parser is not None:
+                self.clock.chunk(channel, len(chunk))
                 parser.feed(chunk)
         except StreamFormatError as exc:
             self.errors[channel] = str(exc)
@@ -91,6 +96,7 @@ class StreamTap:
         so a page sent on both main and preempt then has the same content whichever came last (and the
         destination keeps the first it placed: userfaultfd places a page once)."""
         with self._lock:
+            self.clock.record(rec, rec.channel == "main" and self.parsers["main"].section_type == VM_SECTION_END)
             if self.ledger is None:
                 block = self._main_block()
                 if block is None:
@@ -123,7 +129,20 @@ class StreamTap:
                 self.summaries[name] = parser.close().to_dict()
             except StreamFormatError as exc:
                 self.errors[name] = str(exc)
+        self.syncs = self.sync_table()
+        if self.ledger is not None:
+            self.ledger.syncs = self.syncs
         return self.result(summary)
+
+    def sync_table(self) -> dict:
+        """Which dirty-bitmap sync each channel's iterations were sent under (provenance.sync_table),
+        from the tap's clock and the source's MIGRATION_PASS events and polls in timeline.jsonl
+        (written by run_migration in the same trial directory before the tap closes)."""
+        obs = read_sync_observations(self.directory / "timeline.jsonl")
+        flushes = (self.summaries.get("main") or {}).get("records", {}).get("multifd_flush", 0)
+        rounds = tuple(sorted(c for c, p in self.parsers.items() if isinstance(p, MultifdChannelParser))) \
+            if flushes else ()
+        return sync_table(self.clock.groups(), obs, rounds)
 
     def device_state(self) -> tuple[list, dict | None] | None:
         """The main channel's device sections as the destination received them, and the stream's
@@ -141,7 +160,75 @@ class StreamTap:
                           "seconds": round(c.seconds_open, 3), "recorded": str(c.recorded) if c.recorded else None,
                           "parsed": self.summaries.get(c.name), "error": str(c.error) if c.error else None})
         return {"channels": chans, "errors": [f"{k}: {v}" for k, v in self.errors.items()],
-                "page_size": self.page_size, "ledger": self.ledger.summary() if self.ledger else {}}
+                "page_size": self.page_size, "ledger": self.ledger.summary() if self.ledger else {},
+                "syncs": self.syncs}
+
+
+def socket_buffering(uri: str) -> int:
+    """At most how many bytes QEMU can have written to its migration socket that the tap has not yet
+    received: the source's send buffer for a unix socket (QEMU leaves SO_SNDBUF at the system
+    default), send plus receive buffers at their autotuning maxima for tcp; twice that, as margin."""
+    def read(name: str, fallback: int) -> int:
+        try:
+            return int(Path("/proc/sys/net", name).read_text().split()[-1])
+        except (OSError, ValueError, IndexError):
+            return fallback
+    if uri.startswith("unix:"):
+        return 2 * read("core/wmem_default", 4 << 20)
+    return 2 * (read("ipv4/tcp_wmem", 16 << 20) + read("ipv4/tcp_rmem", 16 << 20))
+
+
+class SectionClock:
+    """When the tap read each channel's iterations, for provenance.sync_table: per (channel,
+    iteration) the time.time() of the chunk with its first and last record, and from the socket
+    buffering `slack` (socket_buffering): a byte at stream offset y cannot have been written before
+    the tap received the chunks up to y - slack (the buffers between them would hold more than they
+    can), so the chunk before the one holding y - slack was read before y was written. Per
+    iteration and per chunk, never per page."""
+
+    def __init__(self, slack: int):
+        self.slack = slack
+        self._fed: dict[str, int] = {}
+        self._ends: dict[str, list[int]] = {}  # per channel: stream offset after each recent chunk
+        self._stamps: dict[str, list[float]] = {}  # and when the tap got it
+        self._groups: dict[tuple[str, int], dict] = {}
+
+    def chunk(self, channel: str, n: int) -> None:
+        """A chunk of `n` bytes is about to be parsed (the records in it get this time)."""
+        end = self._fed.get(channel, 0) + n
+        self._fed[channel] = end
+        ends = self._ends.setdefault(channel, [])
+        stamps = self._stamps.setdefault(channel, [])
+        ends.append(end)
+        stamps.append(time.time())
+        if len(ends) > 4096 and ends[len(ends) // 2] < end - self.slack - (8 << 20):
+            del ends[:len(ends) // 2], stamps[:len(stamps) // 2]
+
+    def _read_before_written(self, channel: str, offset: int) -> float | None:
+        """A time at which the byte at `offset` had not been written yet (None: no such chunk kept)."""
+        ends = self._ends.get(channel)
+        i = bisect.bisect_right(ends, offset - self.slack) if ends else 0
+        return self._stamps[channel][i - 1] if i else None
+
+    def record(self, rec, end: bool = False) -> None:
+        """One page record, `end`: it is in the main channel's END section."""
+        stamps = self._stamps.get(rec.channel)
+        if not stamps:
+            return
+        now = stamps[-1]
+        key = (rec.channel, rec.iteration)
+        g = self._groups.get(key)
+        if g is None:
+            g = self._groups[key] = {"channel": rec.channel, "iteration": rec.iteration, "records": 0,
+                                     "first": now, "last": now, "during": None, "end": end,
+                                     "before": self._read_before_written(rec.channel, rec.stream_offset)}
+        g["records"] += 1
+        if g["during"] is None or g["last"] != now:
+            g["last"] = now
+            g["during"] = self._read_before_written(rec.channel, rec.stream_offset)
+
+    def groups(self) -> list[dict]:
+        return [dict(g) for g in self._groups.values()]
 
 
 class StreamInjector:
