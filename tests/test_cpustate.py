@@ -463,7 +463,7 @@ def test_verify_no_cpu_state_is_recorded(tmp_path, e2e_env):
     assert trial["cpu_state"] == {"skipped": "--no-cpu-state"}
     assert "-gdb" not in trial["cmdlines"]["src"]
     assert res.stdout.splitlines()[0].endswith("memory identical; CPU state not compared (--no-cpu-state); "
-                                               "guest ran after resume")
+                                               "device state identical; guest ran after resume")
     bad = run_dirtylog("verify", "--artifacts", ART, "--qemu", e2e_env, "--no-cpu-state", "--inject", "cpu-register",
                        "--run-dir", tmp_path / "bad")
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("dirtylog: error: --inject cpu-register")

@@ -162,6 +162,49 @@ class PageLedger:
                            stream_offset=p & _OFFSET_MASK, iteration=self.iter[page], crc=self.crc[page],
                            gen16=None if g == NO_GEN else g)
 
+    _ARRAYS = ("place", "crc", "iter", "gen")
+
+    def save(self, path) -> None:
+        """The whole ledger in one file: a JSON line, then the four arrays little-endian (a tap on
+        another host writes it there; the controller reads it back with `load`)."""
+        import json
+        import sys
+        meta = {"block": self.block, "pages": self.pages, "page_size": self.page_size, "channels": self.channels,
+                "other_blocks": self.other_blocks, "records": self.records, "last_iteration": self.last_iteration,
+                "syncs": self.syncs}
+        with open(path, "wb") as f:
+            f.write(json.dumps(meta).encode() + b"\n")
+            for name in self._ARRAYS:
+                a = getattr(self, name)
+                if sys.byteorder == "big":
+                    a = array(a.typecode, a)
+                    a.byteswap()
+                f.write(a.tobytes())
+
+    @classmethod
+    def load(cls, data: bytes) -> "PageLedger":
+        """A ledger from the bytes `save` wrote; ValueError if they are not that."""
+        import json
+        import sys
+        head, _, rest = data.partition(b"\n")
+        meta = json.loads(head)
+        led = cls(meta["block"], meta["pages"], meta["page_size"])
+        pos = 0
+        for name in cls._ARRAYS:
+            a = getattr(led, name)
+            n = a.itemsize * len(a)
+            if len(rest) < pos + n:
+                raise ValueError(f"ledger file truncated in its {name} array")
+            a[:] = array(a.typecode, rest[pos:pos + n])
+            if sys.byteorder == "big":
+                a.byteswap()
+            pos += n
+        if pos != len(rest):
+            raise ValueError(f"ledger file has {len(rest) - pos} bytes after its arrays")
+        led.channels, led.other_blocks = list(meta["channels"]), dict(meta["other_blocks"])
+        led.records, led.last_iteration, led.syncs = meta["records"], meta["last_iteration"], meta["syncs"]
+        return led
+
     def summary(self) -> dict:
         sent = sum(1 for p in self.place if p >> 60)
         return {"block": self.block, "pages": self.pages, "pages_sent": sent, "records": self.records,

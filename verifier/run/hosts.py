@@ -120,8 +120,9 @@ class Host:
                        f"use --capture savedirtylog or pmemsave")
         if opts.host_backing not in ("auto", "anon", "memfd"):
             out.append(f"--host-backing {opts.host_backing}: {where}, which backs guest RAM with anon or memfd only")
-        if opts.inject:
-            out.append(f"--inject: {where}; negative controls need both QEMUs on this machine "
+        if opts.inject and not (opts.inject[0].startswith("stream-") and opts.stream):
+            out.append(f"--inject: {where}; negative controls other than the stream tap's "
+                       f"(stream-drop, stream-flip, stream-device) need both QEMUs on this machine "
                        f"(no --src-host/--dst-host)")
         if opts.accel != "tcg":
             out.append(f"--accel {opts.accel}: {where}, and /dev/kvm is checked on this machine only; "

@@ -137,6 +137,23 @@ class HostSites(Sites):
         return RemoteQemu(self.host[side], self.binaries[side], args, tdir, self.remote_dirs[side], side,
                           self.sock_dir, on_qmp=reporter.detail, gdb=gdb)
 
+    def stream_tap(self, opts, uri, tdir, machine):
+        """The tap on the destination host (verifier.run.remote_tap), between the migration network
+        and the destination QEMU; None, with `no_tap` saying why, if that host's python3 cannot run it."""
+        from verifier.run.remote_tap import RemoteStreamTap, agent_zip, python_ok
+        host = self.host["dst"]
+        why = python_ok(host)
+        if why:
+            self.no_tap = why
+            return None
+        remote_zip, sent = host.put_cached(agent_zip(tdir.parent))
+        self.uploaded["dst"] += sent
+        inject = opts.inject if opts.inject and opts.inject[0].startswith("stream-") else None
+        return RemoteStreamTap(host, remote_zip, self.remote_dirs["dst"], f"tcp:{self.hosts.migration_address}:0",
+                               uri, tdir, ram_block_bytes=opts.mem_mb << 20, record=opts.record_stream,
+                               page_size=machine.target_page_size, xbzrle=bool(opts.capabilities.get("xbzrle")),
+                               inject=inject, max_seconds=opts.migration_timeout_s + 600)
+
     def capture_images(self, src, dst, tdir, ram_base, mem_mb):
         from verifier.errors import CaptureError
         size = mem_mb * 1024 * 1024
