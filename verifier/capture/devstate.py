@@ -78,6 +78,35 @@ def save(proc, path: Path) -> Path:
     return path
 
 
+def describe(qemu, args: list[str], directory: Path, page_size: int, timeout_s: float = 120.0) -> dict:
+    """A VMDESCRIPTION when the stream has none (postcopy, --no-stream): a QEMU of the same command
+    line (`args`, without the RAM backing file of a capture), paused from the start (-S), saved to a
+    file (`exec:cat`); its description, the file deleted. Subsections a running guest needs and a
+    fresh machine does not (or the reverse) make that section's description not fit: it is then
+    compared as bytes, and says so."""
+    import shlex
+    import time
+
+    from verifier.run.qemu import QemuProcess
+    out = directory / "devstate-description.bin"
+    try:
+        with QemuProcess(qemu, [*args, "-S"], directory, "desc") as q:
+            q.qmp("migrate-set-parameters", **{"max-bandwidth": 100 << 30})
+            q.qmp("migrate", uri=f"exec:cat > {shlex.quote(str(out.resolve()))}")
+            deadline = time.monotonic() + timeout_s
+            while (st := q.qmp("query-migrate")).get("status") != "completed":
+                if st.get("status") in ("failed", "cancelled") or time.monotonic() > deadline:
+                    raise DeviceStateError(f"the QEMU describing the device sections did not save its state: "
+                                           f"{st.get('error-desc') or st.get('status')}")
+                time.sleep(0.05)
+        _, vmdesc = read_file(out, page_size)
+    finally:
+        out.unlink(missing_ok=True)
+    if vmdesc is None:
+        raise DeviceStateError("the QEMU describing the device sections saved no VMDESCRIPTION")
+    return vmdesc
+
+
 def read_sections(path: Path) -> list[tuple[dict, bytes]]:
     """The device sections of a device-state file (or of any main-channel stream): ({name,
     instance, version, ...}, body) in file order."""

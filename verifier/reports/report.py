@@ -265,8 +265,9 @@ class RunReport:
                 from verifier.capture import devstate
                 lines.append("  device state differences (copies: field: values):")
                 lines += ["    " + d for d in devstate.format_differences(t.device_state)]
-            if t.device_state.get("note"):
-                lines.append(f"  device state: {t.device_state['note']}")
+            desc = t.device_state.get("description", "")
+            if desc and not desc.startswith("the migration stream"):
+                lines.append(f"  device state: fields named by {desc}")
             for f in t.known_findings:
                 lines.append(f"  {f['sentence']}")
             if t.verdict == "fail" and not t.known_findings:

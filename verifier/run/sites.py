@@ -137,6 +137,9 @@ class HostSites(Sites):
         return RemoteQemu(self.host[side], self.binaries[side], args, tdir, self.remote_dirs[side], side,
                           self.sock_dir, on_qmp=reporter.detail, gdb=gdb)
 
+    def describe_devices(self, args, tdir, page_size):
+        return None  # a describing QEMU would run on a host, and the stream tap brings the description
+
     def stream_tap(self, opts, uri, tdir, machine):
         """The tap on the destination host (verifier.run.remote_tap), between the migration network
         and the destination QEMU; None, with `no_tap` saying why, if that host's python3 cannot run it."""

@@ -79,6 +79,11 @@ class Sites:
         path of the file, tdir/devstate-<side>.bin."""
         return _devstate.save(proc, (tdir / f"devstate-{proc.name}.bin").resolve())
 
+    def describe_devices(self, args: list[str], tdir: Path, page_size: int) -> dict | None:
+        """A VMDESCRIPTION from a fresh, paused QEMU of `args` (verifier.capture.devstate.describe), for
+        runs whose stream carries none; None where this place cannot start one."""
+        return _devstate.describe(self.binaries["src"], args, tdir, page_size)
+
     def qemu(self, side: str, args: list[str], tdir: Path, reporter, gdb: bool) -> QemuProcess:
         """A QEMU for `side`, not started (a context manager starts it); with `gdb`, its
         gdbstub listens on a unix socket reached at the process's `gdb_path`."""
@@ -145,12 +150,14 @@ def _run_trial(trial, art, opts, sites: Sites, machine, accel, reporter, t_start
     files = {side: sites.guest_files(side, art, machine) for side in ("src", "dst")}
     cpu_state = getattr(opts, "cpu_state", True)
 
-    def args(side: str) -> list[str]:
+    def args(side: str, describe: bool = False) -> list[str]:
+        """`describe`: the source's machine without its capture (RAM file, -savedirtylog), for the QEMU
+        that describes the device sections when the stream has no VMDESCRIPTION."""
         cfg = GuestConfig(machine=machine, kernel=files[side]["kernel"], dtb=files[side]["dtb"],
                           initrd=files[side]["initrd"], append=append, mem_mb=opts.mem_mb, smp=opts.smp,
-                          accel=accel[0], cpu=accel[1], ram_file=sites.ram_file(side),
-                          host_backing=opts.host_backing, machine_opts=opts.machine_opts)
-        return machine_args(sites.binaries[side], cfg) + sites.capture_args(side)
+                          accel=accel[0], cpu=accel[1], ram_file=None if describe else sites.ram_file(side),
+                          host_backing="anon" if describe else opts.host_backing, machine_opts=opts.machine_opts)
+        return machine_args(sites.binaries[side], cfg) + ([] if describe else sites.capture_args(side))
 
     uri = sites.migration_uri(opts)  # where the destination listens
     rng = random.Random(opts.seed)
@@ -238,7 +245,9 @@ def _run_trial(trial, art, opts, sites: Sites, machine, accel, reporter, t_start
         if opts.device_state:
             reporter.step(f"trial {trial.index}: comparing device state (every field of every device section)")
             t_dev = time.monotonic()
-            trial.device_state = read_device_state(src, dst, sites, tdir, tap, trial.stream.get("skipped"))
+            trial.device_state = read_device_state(src, dst, sites, tdir, tap, trial.stream.get("skipped"),
+                                                   lambda: sites.describe_devices(args("src", describe=True), tdir,
+                                                                                  machine.target_page_size))
             if opts.inject and opts.inject[0] == "stream-device":
                 trial.injection.update(_inject.check_fields(trial.injection["fields"], trial.device_state))
             trial.timings["device_state_s"] = round(time.monotonic() - t_dev, 3)
@@ -290,22 +299,27 @@ def read_cpu_state(src: QemuProcess, dst: QemuProcess, arch: str, tdir: Path, pl
     return result
 
 
-def read_device_state(src: QemuProcess, dst: QemuProcess, sites: Sites, tdir: Path, tap, skipped: str | None) -> dict:
+def read_device_state(src: QemuProcess, dst: QemuProcess, sites: Sites, tdir: Path, tap, skipped: str | None,
+                      describe) -> dict:
     """Both stopped VMs save their device sections; compared field by field with each other and with
-    the sections the migration stream carried (verifier.capture.devstate)."""
+    the sections the migration stream carried (verifier.capture.devstate), named by the stream's
+    VMDESCRIPTION, or, when it has none, by `describe()`'s (a fresh QEMU of the same machine)."""
     files = {"source": sites.save_device_state(src, tdir), "destination": sites.save_device_state(dst, tdir)}
     copies = {side: _devstate.read_sections(path) for side, path in files.items()}
     stream = tap.device_state() if tap is not None else None
-    vmdesc = None
+    vmdesc, source = None, "the migration stream"
     if stream is not None:
         copies["stream"], vmdesc = stream
+    if vmdesc is None:
+        why = ("QEMU sends none in postcopy" if stream is not None else
+               f"the stream was not parsed: {skipped or 'its main channel did not parse to the end'}")
+        vmdesc = describe()
+        source = f"a fresh QEMU of the source's machine, paused and saved ({why})"
+        if vmdesc is None:
+            source = f"none ({why}; no QEMU to describe the sections here): sections compared as bytes"
     result = _devstate.compare(copies, vmdesc)
+    result["description"] = source
     result["files"] = {side: str(path) for side, path in files.items()}
-    if stream is None:
-        why = skipped or "its main channel did not parse to the end"
-        result["note"] = f"the migration stream was not parsed ({why}): no VMDESCRIPTION, sections compared as bytes"
-    elif vmdesc is None:
-        result["note"] = "the stream has no VMDESCRIPTION (QEMU sends none in postcopy): sections compared as bytes"
     return result
 
 
