@@ -61,6 +61,8 @@ __all__ = [
     "QemuBuildError",
     "QemuSourceLock",
     "build_patched_qemu",
+    "build_zoo_qemu",
+    "zoo_bugs",
     "cache_key",
     "configure_args",
     "load_qemu_lock",
@@ -113,6 +115,7 @@ class QemuBuild:
     directory: Path
     cache_hit: bool
     build_seconds: float | None  # of the build that produced it
+    bug: str | None = None  # a bug-zoo defect built in (build_zoo_qemu), None for the patched QEMU itself
 
 
 @dataclasses.dataclass(frozen=True)
@@ -554,7 +557,8 @@ def _builds_root(cache: Cache) -> Path:
     return cache.root / "qemu-builds"
 
 
-def _load_cached(entry: Path, key: str) -> dict | None:
+def _load_cached(entry: Path, key: str, need_tree: bool = False) -> dict | None:
+    """The cache entry's metadata when it is whole (and, with `need_tree`, its build tree is kept)."""
     meta_path = entry / "build.json"
     try:
         meta = json.loads(meta_path.read_text())
@@ -564,6 +568,8 @@ def _load_cached(entry: Path, key: str) -> dict | None:
     if meta.get("schema") != BUILD_SCHEMA or meta.get("cache_key") != key or not binary.is_file():
         return None
     if sha256_file(binary) != meta.get("binary_sha256"):
+        return None
+    if need_tree and not (meta.get("source_tree") and (Path(meta["source_tree"]) / "build" / "build.ninja").is_file()):
         return None
     return meta
 
@@ -577,7 +583,7 @@ def _result(entry: Path, meta: dict, hit: bool) -> QemuBuild:
         wheel_sha256=dict(meta["wheel_sha256"]), patch_sha256=meta["patch_sha256"],
         patches=tuple(meta["patches"]), configure_args=tuple(meta["configure_args"]),
         cache_key=meta["cache_key"], directory=entry, cache_hit=hit,
-        build_seconds=meta.get("build_seconds"),
+        build_seconds=meta.get("build_seconds"), bug=meta.get("bug"),
     )
 
 
@@ -593,32 +599,42 @@ def prefetch_sources(version: str, cache: Cache, mirror: str | None = None, offl
 def build_patched_qemu(version: str, cache: Cache, mirror: str | None = None, offline: bool = False,
                        log: Callable[[str], None] = print, jobs: int = 2, *,
                        lock_path: Path | None = None, keep_workdir: bool = False,
-                       progress: bool = True) -> QemuBuild:
-    """Return Debian's QEMU *version* ("10.0" | "7.2") with our patches, building it if needed."""
+                       progress: bool = True, need_tree: bool = False) -> QemuBuild:
+    """Return Debian's QEMU *version* ("10.0" | "7.2") with our patches, building it if needed.
+
+    For a version that has a bug zoo (builder/patches/bugzoo-<version>/) the build tree is kept
+    next to the entry (<cache>/qemu-builds/.tree-<key>/, about 650 MiB), where build_zoo_qemu
+    rebuilds only what a defect touches; `need_tree`: a cached entry without its tree is built again."""
     lock = load_qemu_lock(version, lock_path)
     patches = patch_files(version)
     args = configure_args(version)
     key, patch_sha = cache_key(lock, patches, args)
     root = _builds_root(cache)
     entry = root / key
-    meta = _load_cached(entry, key)
+    meta = _load_cached(entry, key, need_tree)
     if meta is not None:
         return _result(entry, meta, hit=True)
 
     root.mkdir(parents=True, exist_ok=True)
+    keep_tree = bool(zoo_bugs(version))
     with open(root / f".lock-{key}", "w") as lockf:
         fcntl.flock(lockf, fcntl.LOCK_EX)  # another process may be building the same key
-        meta = _load_cached(entry, key)
+        meta = _load_cached(entry, key, need_tree)
         if meta is not None:
             return _result(entry, meta, hit=True)
-        if entry.exists():  # incomplete or corrupted: rebuild
+        if entry.exists():  # incomplete or corrupted, or without the tree asked for: rebuild
             shutil.rmtree(entry, ignore_errors=True)
         check_build_deps(version)
         t0 = time.monotonic()
         paths = _fetch_sources(lock, cache, mirror, offline, log, progress)
         _check_dsc(lock, paths)
         wheels = _fetch_wheels(lock, cache, offline, log)
-        work = Path(tempfile.mkdtemp(prefix=f".work-{version}-", dir=root))
+        if keep_tree:  # a fixed place: the meson build directory records its absolute paths
+            work = root / f".tree-{key}"
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir()
+        else:
+            work = Path(tempfile.mkdtemp(prefix=f".work-{version}-", dir=root))
         logfile = work / "build.log"
         ok = False
         try:
@@ -653,17 +669,103 @@ def build_patched_qemu(version: str, cache: Cache, mirror: str | None = None, of
                 "build_seconds": round(time.monotonic() - t0, 1),
                 "built_at": int(time.time()),
             }
+            if keep_tree:
+                meta["source_tree"] = str(src)
             (staged / "build.json").write_text(json.dumps(meta, indent=2) + "\n")
             os.replace(staged, entry)
             ok = True
         finally:
-            if ok and not keep_workdir:
+            if ok and not keep_workdir and not keep_tree:
                 shutil.rmtree(work, ignore_errors=True)
             elif not ok:
                 log(f"QEMU build failed; work tree kept in {work}")
         log(f"QEMU {meta['qemu_version']} with -savedirtylog: {entry / 'bin' / 'qemu-system-arm'} "
             f"(built in {meta['build_seconds']:.0f} s)")
         return _result(entry, meta, hit=False)
+
+
+# --------------------------------------------------------------------------
+# the bug zoo: one defect each, built incrementally from the kept tree
+
+
+def zoo_dir(version: str) -> Path:
+    return PATCH_ROOT / f"bugzoo-{version}"
+
+
+def zoo_bugs(version: str) -> list[str]:
+    """The defects of the bug zoo for `version` (builder/patches/bugzoo-<version>/NAME.patch)."""
+    return sorted(p.stem for p in zoo_dir(version).glob("*.patch"))
+
+
+def zoo_patch(version: str, bug: str) -> Path:
+    bugs = zoo_bugs(version)
+    if bug not in bugs:
+        raise BuildInputError(f"--qemu-bug {bug}: no such defect in the QEMU {version} bug zoo"
+                              + (f" (one of: {', '.join(bugs)})" if bugs else " (it has none)"))
+    return zoo_dir(version) / f"{bug}.patch"
+
+
+def zoo_header(version: str, bug: str) -> str:
+    """What the defect re-creates: the patch's text before its diff."""
+    text = zoo_patch(version, bug).read_text()
+    return text.split("\n--- a/", 1)[0].strip()
+
+
+def build_zoo_qemu(version: str, bug: str, cache: Cache, mirror: str | None = None, offline: bool = False,
+                   log: Callable[[str], None] = print, jobs: int = 2, progress: bool = True) -> QemuBuild:
+    """The patched QEMU with one bug-zoo defect: its patch applied to the patched build's kept tree,
+    ninja rebuilding what it touches (seconds to a minute), the binary copied into its own cache
+    entry (key: the patched build's key + the defect's patch), then the patch reversed. Variants
+    of one tree are built one at a time (flock)."""
+    patch = zoo_patch(version, bug)
+    base = build_patched_qemu(version, cache, mirror, offline, log, jobs, progress=progress, need_tree=True)
+    root = _builds_root(cache)
+    base_meta = json.loads((base.directory / "build.json").read_text())
+    patch_sha = sha256_file(patch)
+    key = hashlib.sha256(json.dumps({"base": base.cache_key, "bug": bug, "patch": patch_sha, "recipe": RECIPE},
+                                    sort_keys=True).encode()).hexdigest()
+    entry = root / key
+    meta = _load_cached(entry, key)
+    if meta is not None:
+        return _result(entry, meta, hit=True)
+    with open(root / f".lock-tree-{base.cache_key}", "w") as lockf:
+        fcntl.flock(lockf, fcntl.LOCK_EX)
+        meta = _load_cached(entry, key)
+        if meta is not None:
+            return _result(entry, meta, hit=True)
+        shutil.rmtree(entry, ignore_errors=True)
+        t0 = time.monotonic()
+        src = Path(base_meta["source_tree"])
+        staged = Path(tempfile.mkdtemp(prefix=f".zoo-{bug}-", dir=root))
+        logfile = staged / "build.log"
+        ok = False
+        try:
+            log(f"bug zoo: {bug} on QEMU {version} (incremental build in {src / 'build'})")
+            _apply(src, patch, "-p1", logfile, f"bug-zoo patch {patch.name}")
+            try:
+                _ninja(src / "build", jobs, logfile, log)
+                (staged / "bin").mkdir()
+                binary = staged / "bin" / "qemu-system-arm"
+                shutil.copy2(src / "build" / "qemu-system-arm", binary)
+            finally:  # the tree goes back to the patched QEMU's sources (ninja recompiles them next time)
+                _run_logged(["patch", "-R", "-p1", "--batch", "--no-backup-if-mismatch", "-i", str(patch)], src,
+                            logfile, f"reversing bug-zoo patch {patch.name}")
+            qver, qtext = _probe(binary)
+            meta = dict(base_meta, cache_key=key, qemu_version=qver, qemu_version_text=qtext, bug=bug,
+                        bug_patch_sha256=patch_sha, base_cache_key=base.cache_key,
+                        patches=[*base_meta["patches"], f"bugzoo-{version}/{patch.name}"],
+                        binary_sha256=sha256_file(binary), build_seconds=round(time.monotonic() - t0, 1),
+                        built_at=int(time.time()))
+            meta.pop("source_tree", None)
+            (staged / "build.json").write_text(json.dumps(meta, indent=2) + "\n")
+            os.replace(staged, entry)
+            ok = True
+        finally:
+            if not ok:
+                log(f"bug-zoo build failed; log kept in {logfile}")
+    log(f"QEMU {qver} with bug-zoo defect {bug}: {entry / 'bin' / 'qemu-system-arm'} "
+        f"(built in {meta['build_seconds']:.0f} s)")
+    return _result(entry, meta, hit=False)
 
 
 # --------------------------------------------------------------------------
@@ -704,6 +806,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache-dir", type=Path)
     ap.add_argument("--jobs", "-j", type=int, default=2)
     ap.add_argument("--keep-workdir", action="store_true")
+    ap.add_argument("--bug", help="build the patched QEMU with this bug-zoo defect (builder/patches/bugzoo-VERSION/)")
     ap.add_argument("--refresh-lock", action="store_true",
                     help="re-pin the version to its suite's current source package, then exit")
     a = ap.parse_args(argv)
@@ -712,9 +815,13 @@ def main(argv: list[str] | None = None) -> int:
         if a.refresh_lock:
             refresh_qemu_lock(a.version, cache, a.mirror, log=lambda m: print(m, file=sys.stderr))
             return 0
-        b = build_patched_qemu(a.version, cache, a.mirror, a.offline,
-                               log=lambda m: print(m, file=sys.stderr), jobs=a.jobs,
-                               keep_workdir=a.keep_workdir)
+        if a.bug:
+            b = build_zoo_qemu(a.version, a.bug, cache, a.mirror, a.offline,
+                               log=lambda m: print(m, file=sys.stderr), jobs=a.jobs)
+        else:
+            b = build_patched_qemu(a.version, cache, a.mirror, a.offline,
+                                   log=lambda m: print(m, file=sys.stderr), jobs=a.jobs,
+                                   keep_workdir=a.keep_workdir)
     except BuildError as e:
         print(f"qemu_build: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -81,6 +81,10 @@ def build_options(f):
                           "host; auto: a container when an engine answers, this host otherwise.")(f)
     f = click.option("--qemu-version", type=click.Choice(["10.0", "7.2"]), default="10.0", show_default=True,
                      help="Which Debian QEMU source package the patched QEMU (-savedirtylog) is built from.")(f)
+    f = click.option("--qemu-bug", metavar="NAME",
+                     help="With the patched QEMU: build it with one defect of the bug zoo "
+                          "(builder/patches/bugzoo-10.0/NAME.patch; benchmarks/bugzoo.py runs them all), "
+                          "incrementally on this host from the patched build's kept tree; the manifest names it.")(f)
     f = click.option("--engine", type=click.Choice(["debian", "buildroot"]), default="debian", show_default=True,
                      help="debian: Debian's pinned kernel and busybox; buildroot: everything from source "
                           "through buildroot-external/ (Buildroot's pinned release, or --buildroot-dir).")(f)
@@ -132,21 +136,30 @@ def _build(console, out, offline, mirror, cache_dir, arch, runtime, engine="debi
     return manifest
 
 
-def _build_patched_qemu(console, out, version, mirror, cache_dir, offline, runtime="host") -> str:
-    """Build (or reuse) QEMU with -savedirtylog and record it in the artifacts' manifest."""
+def _build_patched_qemu(console, out, version, mirror, cache_dir, offline, runtime="host", bug=None) -> str:
+    """Build (or reuse) QEMU with -savedirtylog (and `bug`, a bug-zoo defect) and record it in the
+    artifacts' manifest."""
     from builder.cache import Cache
-    from builder.qemu_build import build_patched_qemu
+    from builder.qemu_build import build_patched_qemu, build_zoo_qemu, zoo_header
     from builder.runtime import get_runtime
-    console.step(f"building (or reusing) QEMU {version} with -savedirtylog")
-    rt = get_runtime(runtime, log=console.detail)
-    if hasattr(rt, "build_qemu"):  # a container builds it into the shared cache; the host reuses it
-        rt.build_qemu(version, cache_dir=cache_dir, mirror=mirror, offline=offline, log=console.step)
-    qb = build_patched_qemu(version, Cache(cache_dir), mirror=mirror, offline=offline, log=console.step,
+    console.step(f"building (or reusing) QEMU {version} with -savedirtylog" + (f" and bug-zoo defect {bug}" if bug else ""))
+    if bug:  # on this host: the incremental build needs the host's own kept tree
+        zoo_header(version, bug)  # an unknown name is exit 2 before anything is built
+        qb = build_zoo_qemu(version, bug, Cache(cache_dir), mirror=mirror, offline=offline, log=console.step,
                             progress=sys.stderr.isatty())
+    else:
+        rt = get_runtime(runtime, log=console.detail)
+        if hasattr(rt, "build_qemu"):  # a container builds it into the shared cache; the host reuses it
+            rt.build_qemu(version, cache_dir=cache_dir, mirror=mirror, offline=offline, log=console.step)
+        qb = build_patched_qemu(version, Cache(cache_dir), mirror=mirror, offline=offline, log=console.step,
+                                progress=sys.stderr.isatty())
     from builder.manifest import amend_manifest
-    amend_manifest(out, {"qemu": {"path": str(qb.qemu_system_arm), "version": qb.version, "patched": True,
-                                  "source_package": qb.source_package, "source_version": qb.source_version,
-                                  "patches": list(qb.patches), "cache_key": qb.cache_key}}, what="--qemu patched")
+    entry = {"path": str(qb.qemu_system_arm), "version": qb.version, "patched": True,
+             "source_package": qb.source_package, "source_version": qb.source_version,
+             "patches": list(qb.patches), "cache_key": qb.cache_key}
+    if bug:
+        entry["bug"] = bug
+    amend_manifest(out, {"qemu": entry}, what="--qemu patched")
     console.step(f"  {qb.qemu_system_arm} ({qb.version_text}{', cached' if qb.cache_hit else ''})")
     return str(qb.qemu_system_arm)
 
@@ -158,17 +171,19 @@ def _build_patched_qemu(console, out, version, mirror, cache_dir, offline, runti
                    "recorded in the manifest so that verify uses it.")
 @click.pass_obj
 def build(console, out, offline, mirror, cache_dir, arch, runtime, engine, buildroot_dir, buildroot_url, dl_dir,
-          toolchain, br2_fragments, qemu_version, qemu_kind):
+          toolchain, br2_fragments, qemu_version, qemu_bug, qemu_kind):
     """Build the guest artifacts and manifest.json.
 
     armv7: zImage, guest_a15x2.dtb, initrd.cpio-dirtyram.gz, dirtyram.arm; aarch64: Image,
     initrd.cpio-dirtyram.gz, dirtyram.aarch64; x86_64: bzImage, initrd.cpio-dirtyram.gz,
     dirtyram.x86_64.
     """
+    if qemu_bug and qemu_kind != "patched":
+        raise click.UsageError("--qemu-bug builds a defect into the patched QEMU: it needs --qemu patched")
     _build(console, out, offline, mirror, cache_dir, arch, runtime, engine, buildroot_dir, dl_dir, toolchain,
            br2_fragments, buildroot_url)
     if qemu_kind == "patched":
-        _build_patched_qemu(console, out, qemu_version, mirror, cache_dir, offline, runtime)
+        _build_patched_qemu(console, out, qemu_version, mirror, cache_dir, offline, runtime, qemu_bug)
     click.echo(str(out / "manifest.json"))
 
 
@@ -281,17 +296,19 @@ def verify_cmd(ctx, artifacts, matrix_file, jobs, shard, junit_path, html_path, 
 @verify_options
 @click.pass_obj
 def make_and_verify(console, out, offline, mirror, cache_dir, arch, runtime, engine, buildroot_dir, buildroot_url,
-                    dl_dir, toolchain, br2_fragments, qemu_version, **kw):
+                    dl_dir, toolchain, br2_fragments, qemu_version, qemu_bug, **kw):
     """The one-shot: build the guest artifacts and (armv7) QEMU with -savedirtylog, then verify.
 
     --qemu patched (default for armv7) builds or reuses the patched QEMU; --qemu stock uses the
     system's qemu-system-*; --qemu PATH a binary of your own.
     """
+    choice = kw["qemu"] or ("patched" if arch == "armv7" else "stock")
+    if qemu_bug and choice != "patched":
+        raise click.UsageError("--qemu-bug builds a defect into the patched QEMU: it needs --qemu patched")
     _build(console, out, offline, mirror, cache_dir, arch, runtime, engine, buildroot_dir, dl_dir, toolchain,
            br2_fragments, buildroot_url)
-    choice = kw["qemu"] or ("patched" if arch == "armv7" else "stock")
     if choice == "patched":
-        kw["qemu"] = _build_patched_qemu(console, out, qemu_version, mirror, cache_dir, offline, runtime)
+        kw["qemu"] = _build_patched_qemu(console, out, qemu_version, mirror, cache_dir, offline, runtime, qemu_bug)
     elif choice == "stock":
         kw["qemu"] = None
     _verify(console, out, **kw)
