@@ -50,7 +50,7 @@ SCENARIOS = {
     "multifd-round-tail-dropped": (VEXPRESS + ["--capability", "multifd=on", "--parameter", "multifd-channels=2"],
                                    "memory", {"classes": {"not-resent", "never-sent"}}),
     "dst-zero-page-ignored": (VEXPRESS, "memory", {"classes": {"lost-on-destination"}}),
-    "arm-cpreg-tpidruro-not-migrated": (VEXPRESS, "cpu_state", {"register": "TPIDRURO"}),
+    "arm-cpreg-cntkctl-not-migrated": (VEXPRESS, "cpu_state", {"register": "CNTKCTL"}),
     "pl011-post-load-masks-interrupts": (VEXPRESS, "device_state", {"field": "pl011/int_enabled"}),
 }
 
