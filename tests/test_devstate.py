@@ -10,7 +10,6 @@ tests/test_e2e.py.
 
 from __future__ import annotations
 
-import shutil
 import time
 
 import pytest
@@ -21,20 +20,7 @@ from verifier.errors import VerifyError
 MEM_MB = 64
 
 
-def _qemu72():
-    from verifier.run.qemu import probe_qemu
-    path = shutil.which("qemu-system-arm")
-    q = probe_qemu(path or "qemu-system-arm")
-    if q.version[:2] != (7, 2):
-        pytest.skip(f"the qemu-system-arm on PATH is {q.version_str}, not Debian's 7.2")
-    return q
-
-
-def _qemu100():
-    from builder import qemu_build
-    from builder.cache import Cache
-    from verifier.run.qemu import probe_qemu
-    return probe_qemu(str(qemu_build.build_patched_qemu("10.0", Cache()).qemu_system_arm))
+from test_stream import _qemu72, _qemu100  # noqa: E402 - Debian's 7.2 and the patched 10.0, as there
 
 
 @pytest.fixture(params=["7.2", pytest.param("10.0", marks=pytest.mark.build)], scope="module")

@@ -970,22 +970,7 @@ class StreamParser(_Incremental):
             else:
                 why = f"invalid combination of RAM flags 0x{flags:x} ({_flag_names(flags)})"
             raise self._err(why, pos + delta)
-        c = pos + 8
-        if flags & FLAG_CONTINUE:
-            if self._block is None:
-                raise self._err(f"RAM_SAVE_FLAG_CONTINUE (flags 0x{flags:x}) with no previous RAM block",
-                                pos + delta)
-            block = self._block
-        else:
-            if end - c < 1:
-                raise _Need(pos, 9)
-            n = buf[c]
-            if end - c < 1 + n:
-                raise _Need(pos, 9 + n)
-            block = bytes(buf[c + 1:c + 1 + n]).decode("ascii", "replace")
-            if block not in self._blocks:
-                raise self._err(f"page of RAM block {block!r}, which MEM_SIZE did not list", pos + delta)
-            c += 1 + n
+        block, c = _record_block(self, buf, pos, end, delta, flags, self._blocks, "MEM_SIZE")
         off = hdr - flags
         if off >= self._blocks[block]:
             raise self._bad_offset(block, off, flags, pos + delta)
@@ -1051,14 +1036,8 @@ class StreamParser(_Incremental):
         self._block = block
         if self.on_page is not None:
             rec = _new_record(block, off, rkind, self._iteration, self.channel, pos + delta, head)
-            if not self.content:
-                self.on_page(rec)
-            elif rkind == "page":
-                with memoryview(buf) as view:
-                    _call_with_view(self.on_page, rec, view, c, nxt)
-            else:
-                self.on_page(rec, self._pages[(block, off)] if rkind == "xbzrle" and self._pages is not None
-                             else None)
+            _deliver(self, rec, buf, c, nxt, self._pages[(block, off)] if rkind == "xbzrle" and self._pages is not None
+                     else None)
         return nxt
 
     def _mem_size(self, buf, pos, end, delta, total):
@@ -1111,6 +1090,38 @@ class StreamParser(_Incremental):
             self._iteration += 1
         self._state = _S_FOOTER
         return pos
+
+
+def _deliver(parser, rec, buf, c: int, nxt: int, content) -> None:
+    """`parser.on_page` for one record: the record alone, or with ``content=True`` the record and its
+    page (a view of buf[c:nxt] for a PAGE record, `content` otherwise)."""
+    if not parser.content:
+        parser.on_page(rec)
+    elif rec.kind == "page":
+        with memoryview(buf) as view:
+            _call_with_view(parser.on_page, rec, view, c, nxt)
+    else:
+        parser.on_page(rec, content)
+
+
+def _record_block(parser, buf, pos: int, end: int, delta: int, flags: int, known, listed_by: str):
+    """The RAM block a page record at `pos` is for, and where its data starts: the parser's current
+    block for RAM_SAVE_FLAG_CONTINUE, else the block name after the be64 header, which must be in
+    `known` (None: any non-empty name)."""
+    c = pos + 8
+    if flags & FLAG_CONTINUE:
+        if parser._block is None:
+            raise parser._err(f"RAM_SAVE_FLAG_CONTINUE (flags 0x{flags:x}) with no previous RAM block", pos + delta)
+        return parser._block, c
+    if end - c < 1:
+        raise _Need(pos, 9)
+    n = buf[c]
+    if end - c < 1 + n:
+        raise _Need(pos, 9 + n)
+    block = bytes(buf[c + 1:c + 1 + n]).decode("ascii", "replace")
+    if n == 0 or (known is not None and block not in known):
+        raise parser._err(f"page of RAM block {block!r}, which {listed_by} did not list", pos + delta)
+    return block, c + 1 + n
 
 
 def vmdesc_size(obj: dict) -> int:
@@ -1403,23 +1414,7 @@ class PreemptChannelParser(_Incremental):
                 why = f"flags 0x{flags:x} ({_flag_names(flags)})" if flags else "no flags"
                 raise self._err(f"RAM record with {why} on the postcopy-preempt channel (only PAGE, ZERO "
                                 f"and EOS are sent there)", pos + delta)
-            c = pos + 8
-            if flags & FLAG_CONTINUE:
-                if self._block is None:
-                    raise self._err(f"RAM_SAVE_FLAG_CONTINUE (flags 0x{flags:x}) with no previous RAM block",
-                                    pos + delta)
-                block = self._block
-            else:
-                if end - c < 1:
-                    raise _Need(pos, 9)
-                n = buf[c]
-                if end - c < 1 + n:
-                    raise _Need(pos, 9 + n)
-                block = bytes(buf[c + 1:c + 1 + n]).decode("ascii", "replace")
-                if n == 0 or (self._blocks is not None and block not in self._blocks):
-                    raise self._err(f"page of RAM block {block!r}, which the main channel's MEM_SIZE did not "
-                                    f"list", pos + delta)
-                c += 1 + n
+            block, c = _record_block(self, buf, pos, end, delta, flags, self._blocks, "the main channel's MEM_SIZE")
             if self._blocks is not None and off >= self._blocks[block]:
                 raise self._err(f"page offset 0x{off:x} beyond RAM block {block} (0x{self._blocks[block]:x} "
                                 f"bytes)", pos + delta)
@@ -1441,12 +1436,6 @@ class PreemptChannelParser(_Incremental):
                 it = self._iteration_fn() if self._iteration_fn is not None else 0
                 head = bytes(buf[c:c + PAGE_HEAD]) if rkind == "page" else None
                 rec = _new_record(block, off, rkind, it, self.channel, pos + delta, head)
-                if not self.content:
-                    self.on_page(rec)
-                elif rkind == "page":
-                    with memoryview(buf) as view:
-                        _call_with_view(self.on_page, rec, view, c, nxt)
-                else:
-                    self.on_page(rec, None)
+                _deliver(self, rec, buf, c, nxt, None)
             pos = nxt
         return pos
