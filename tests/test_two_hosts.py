@@ -251,6 +251,8 @@ def _other_qemu_build() -> str | None:
     """A QEMU built by `dirtylog build --qemu patched` whose version differs from the system's."""
     system = _QEMU_VERSION.split("version ")[1].split()[0] if "version " in _QEMU_VERSION else None
     for b in sorted(Path.home().glob(".cache/dirtylog/qemu-builds/*/bin/qemu-system-arm")):
+        if '"bug": ' in (b.parent.parent / "build.json").read_text(errors="replace"):
+            continue  # a bug-zoo variant
         out = subprocess.run([b, "--version"], capture_output=True, text=True, timeout=30).stdout
         if "version " in out and out.split("version ")[1].split()[0] != system:
             return str(b)
@@ -405,9 +407,15 @@ def test_remote_source_local_destination(mixed_hosts, artifacts, tmp_path):
 
 
 def _patched_qemu() -> str | None:
-    """A QEMU with -savedirtylog from ~/.cache/dirtylog/qemu-builds (newest version first)."""
+    """A QEMU with -savedirtylog from ~/.cache/dirtylog/qemu-builds (newest version first), never a
+    bug-zoo variant (its build.json names the defect)."""
     found = []
     for b in Path.home().glob(".cache/dirtylog/qemu-builds/*/bin/qemu-system-arm"):
+        try:
+            if json.loads((b.parent.parent / "build.json").read_text()).get("bug"):
+                continue
+        except (OSError, ValueError):
+            continue
         try:
             out = subprocess.run([b, "-help"], capture_output=True, text=True, timeout=30).stdout
             ver = subprocess.run([b, "--version"], capture_output=True, text=True, timeout=30).stdout.split()
