@@ -10,8 +10,9 @@ migration paused ("Can't migrate the vm that was paused due to previous migratio
 would leave the destination in postmigrate before it ever ran.
 
 Such a file has no VMDESCRIPTION (the JSON that names every field and its size). The migration
-stream has one, at its end (precopy; QEMU does not send it in postcopy), and the tap keeps it
-with the stream's device section bodies. With it, every section body of every copy is split into
+stream has one, at its end, and the tap keeps it with the stream's device section bodies; where
+the stream has none (QEMU does not send it in postcopy; --no-stream), `describe` gets one from a
+fresh, paused QEMU of the same machine saved to a file. With it, every section body of every copy is split into
 named fields: `section/field[index]`, a struct's fields as `struct.field`, a subsection's fields
 under the subsection's name (`cpu/cpu/vfp/fpscr`: section cpu, subsection cpu/vfp); the instance
 of a section other than 0 is written `name@instance`, the second field of a name a vmstate uses
@@ -118,11 +119,10 @@ def read_file(path: Path, page_size: int = 4096) -> tuple[list[tuple[dict, bytes
     (None when it has none: a device-state file, a postcopy stream). `page_size`: the target page
     size when the stream's configuration does not give it (verifier.analysis.stream)."""
     from verifier.analysis.stream import StreamParser
+    from verifier.analysis.stream_files import _read_into
     parser = StreamParser(device_bodies=True, page_size=page_size)
     try:
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                parser.feed(chunk)
+        _read_into(parser, Path(path))
         summary = parser.close()
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None

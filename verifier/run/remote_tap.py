@@ -121,6 +121,7 @@ class RemoteStreamTap:
         self._result: dict | None = None
         self._devices: tuple[list, dict | None] | None = None
         self._err = tdir / "tap-agent.log"
+        self._fetched = 0  # bytes fetched from the host after the tap closed
 
     # -- the process --------------------------------------------------------------------------
     def __enter__(self):
@@ -191,8 +192,6 @@ class RemoteStreamTap:
         result["fetched_bytes"] = self._fetched
         self._result = result
         return result
-
-    _fetched = 0
 
     def _fetch(self, name: str) -> bytes:
         data = self.host.run(["cat", f"{self.remote_dir}/{name}"], what=f"fetch {name}").stdout
