@@ -18,7 +18,7 @@ _BE32 = struct.Struct(">I")
 CHUNK = 1 << 20
 
 
-def _read_into(parser, path: Path) -> None:
+def read_into(parser, path: Path) -> None:
     with open(path, "rb") as f:
         buf = bytearray(CHUNK)
         view = memoryview(buf)
@@ -80,7 +80,7 @@ def _parse_main(path: Path, page_size: int, on_page) -> StreamSummary:
     while True:
         parser = StreamParser(on_page=on_page, page_size=ps)
         try:
-            _read_into(parser, path)
+            read_into(parser, path)
             return parser.close()
         except StreamFormatError as exc:
             if on_page is not None or parser.page_size_from_stream or ps // 2 < 1024 or \
@@ -102,7 +102,7 @@ def parse_file(path, kind: str | None = None, page_size: int = 4096, blocks: dic
         else:
             cls = PreemptChannelParser if kind == "preempt" else MultifdChannelParser
             parser = cls(on_page=on_page, page_size=page_size, blocks=blocks)
-            _read_into(parser, path)
+            read_into(parser, path)
             s = parser.close()
     except StreamFormatError as exc:
         raise StreamFormatError(f"{path}: {exc}", offset=exc.offset, channel=exc.channel) from None

@@ -119,10 +119,10 @@ def read_file(path: Path, page_size: int = 4096) -> tuple[list[tuple[dict, bytes
     (None when it has none: a device-state file, a postcopy stream). `page_size`: the target page
     size when the stream's configuration does not give it (verifier.analysis.stream)."""
     from verifier.analysis.stream import StreamParser
-    from verifier.analysis.stream_files import _read_into
+    from verifier.analysis.stream_files import read_into
     parser = StreamParser(device_bodies=True, page_size=page_size)
     try:
-        _read_into(parser, Path(path))
+        read_into(parser, Path(path))
         summary = parser.close()
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
