@@ -75,17 +75,22 @@ def _looks_like_preempt(head: bytes) -> bool:
 def _parse_main(path: Path, page_size: int, on_page) -> StreamSummary:
     """A main channel. A file can be read again, so a target page size smaller than `page_size` that the
     configuration does not give (1 KiB on ARM machines such as vexpress-a15) is found by reading it again
-    with smaller sizes when the first reading fails on flag bits that are address bits at that size."""
+    with smaller sizes when the first reading fails (on flag bits that are address bits at that size, or
+    on page data read as records)."""
     ps = page_size
+    first: StreamFormatError | None = None
     while True:
         parser = StreamParser(on_page=on_page, page_size=ps)
         try:
             read_into(parser, path)
             return parser.close()
         except StreamFormatError as exc:
-            if on_page is not None or parser.page_size_from_stream or ps // 2 < 1024 or \
-                    "unknown RAM flag bits" not in str(exc):
-                raise
+            # Read at too large a size, a record's page data swallows the records after it: the error
+            # is wherever the reading lost step (flag bits, or zeros read as flags), so any error is a
+            # reason to try the next size; if none reads, the error at the size asked for is the one.
+            first = first or exc
+            if on_page is not None or parser.page_size_from_stream or ps // 2 < 1024:
+                raise first from None
             ps //= 2
 
 
