@@ -77,6 +77,20 @@ def test_shipped_matrices_load():
         "vexpress-a15", 2, 256, ["512:512:50", "512:512:50", "50:50:5"])
 
 
+def test_a_shipped_matrix_by_name_from_anywhere(tmp_path, monkeypatch):
+    """--matrix smoke (or smoke.toml) from a directory without such a file is the shipped one; a file
+    of that name in the working directory wins; an unknown name lists the shipped ones."""
+    monkeypatch.chdir(tmp_path)
+    assert load_matrix("smoke").path == load_matrix("smoke.toml").path == (REPO / "matrices" / "smoke.toml")
+    (tmp_path / "smoke.toml").write_text('[defaults]\nmachine = "virt"\n[[scenario]]\nname = "mine"\n')
+    assert [s.name for s in load_matrix("smoke.toml").scenarios] == ["mine"]
+    with pytest.raises(MatrixError) as e:
+        load_matrix("nosuch")
+    assert "nosuch" in str(e.value) and "smoke" in str(e.value) and "release" in str(e.value)
+    with pytest.raises(MatrixError):
+        load_matrix("sub/smoke.toml")  # a path is a path: never a shipped name
+
+
 @pytest.mark.parametrize("text, line, words", [
     ('[[scenario]]\nname = "a"\nsmp = 1\ncolour = "red"\n', 4, ["key 'colour'", "unknown key"]),
     ('[defaults]\n\nsmp = "two"\n[[scenario]]\nname = "a"\n', 3, ["[defaults]", "key 'smp'", "integer"]),

@@ -200,9 +200,29 @@ class Matrix:
         return shard(self.scenarios, index, count)
 
 
+def shipped_matrices() -> dict[str, Path]:
+    """The matrices that come with dirtylog (matrices/ of the checkout or of the installed package)."""
+    from builder.project import path as project_path
+    return {p.stem: p for p in sorted(project_path("matrices").glob("*.toml"))}
+
+
+def matrix_path(arg) -> Path:
+    """`--matrix ARG`: a file, or the name of a shipped matrix (`release`, `smoke.toml`) when no file
+    of that name exists here and it names no directory."""
+    path = Path(arg)
+    if path.exists() or len(path.parts) != 1:
+        return path
+    shipped = shipped_matrices()
+    name = path.name.removesuffix(".toml")
+    if name in shipped:
+        return shipped[name]
+    raise MatrixError(f"no matrix file {arg}, nor a shipped matrix of that name (shipped: {', '.join(shipped)})")
+
+
 def load_matrix(path: Path) -> Matrix:
-    """Parse, validate and expand a matrix file; MatrixError names file, line and key."""
-    path = Path(path)
+    """Parse, validate and expand a matrix file (or a shipped one: matrix_path); MatrixError names
+    file, line and key."""
+    path = matrix_path(path)
     try:
         raw = path.read_bytes()
     except OSError as exc:
