@@ -12,11 +12,11 @@ import os
 import platform
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from . import project
 from .archive import extract_members
 from .cache import Cache
 from .dirtyram import build_dirtyram, compiler_version
@@ -26,8 +26,7 @@ from .machines import MACHINES
 from .manifest import MANIFEST_SCHEMA, file_entries, manifest_text
 from .lock import ARCH_LOCKS, DEFAULT_LOCK_PATH, fetch_pinned, load_lock, lock_path_for
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DIRTYRAM_SRC = REPO_ROOT / "dirtyram-src"
+PACKAGE_PARENT = Path(__file__).resolve().parent.parent  # the directory holding builder/
 INIT_SCRIPT = Path(__file__).resolve().parent / "guest" / "init"
 
 
@@ -87,15 +86,6 @@ ARTIFACT_ROLES = ARCH_BUILDS["armv7"].artifact_roles
 _ALL_ARTIFACT_NAMES = sorted({n for b in ARCH_BUILDS.values() for n in b.artifact_roles})
 
 
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True,
-                             text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
 def arch_build(arch: str) -> ArchBuild:
     try:
         return ARCH_BUILDS[arch]
@@ -148,7 +138,7 @@ def build_artifacts(out: Path, *, arch: str = "armv7", offline: bool = False, mi
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
     try:
         log(f"compiling dirtyram for {arch} (static) with {spec.cross_prefix}gcc")
-        dirtyram = build_dirtyram(DIRTYRAM_SRC, staging, cross_prefix=spec.cross_prefix, arch=arch)
+        dirtyram = build_dirtyram(project.path("dirtyram-src"), staging, cross_prefix=spec.cross_prefix, arch=arch)
         if dirtyram.name != spec.workload:
             dirtyram = Path(shutil.move(dirtyram, staging / spec.workload))
         for key, name in kernel_keys.items():
@@ -181,8 +171,9 @@ def build_artifacts(out: Path, *, arch: str = "armv7", offline: bool = False, mi
                 "packages": [{"role": p.role, "name": p.name, "version": p.version,
                               "filename": p.filename, "sha256": p.sha256, "members": p.members}
                              for p in lock.packages.values()],
-                "dirtyram_src": str(DIRTYRAM_SRC.relative_to(REPO_ROOT)),
-                "dirtylog_git_commit": _git_commit(),
+                "dirtyram_src": "dirtyram-src",
+                "dirtylog_git_commit": project.git_commit(),
+                "dirtylog_version": project.version(),
             },
             "tools": {
                 "cross_compiler": compiler,
@@ -190,7 +181,7 @@ def build_artifacts(out: Path, *, arch: str = "armv7", offline: bool = False, mi
                 "host": f"{platform.system()} {platform.machine()}",
             },
             "source_date_epoch": epoch,
-            "reproducer": reproducer + " --out " + shlex.quote(str(out)) + " --offline",
+            "reproducer": reproducer + " --out " + shlex.quote(str(out)) + " --offline" + project.reproducer_note(),
         }
         publish_staged(staging, out, list(roles), manifest)
         return manifest
@@ -201,6 +192,6 @@ def build_artifacts(out: Path, *, arch: str = "armv7", offline: bool = False, mi
 def _repo_relative(path: Path) -> str:
     path = Path(path).resolve()
     try:
-        return str(path.relative_to(REPO_ROOT))
-    except ValueError:  # a lock outside the repository (lock_path=...)
+        return str(path.relative_to(PACKAGE_PARENT))
+    except ValueError:  # a lock outside the package (lock_path=...)
         return str(path)

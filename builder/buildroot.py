@@ -28,11 +28,10 @@ import tempfile
 from collections import deque
 from pathlib import Path
 
+from . import project
 from .build import publish_staged
 from .errors import BuildError, BuildInputError, CacheMissError, DownloadError, IntegrityError, ToolMissingError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-EXTERNAL_DIR = REPO_ROOT / "buildroot-external"
 
 # Buildroot LTS the tree is tested against: the tag and the commit it points to in Buildroot's git.
 BUILDROOT_VERSION = "2026.02.3"
@@ -233,9 +232,9 @@ def container_mounts(buildroot_dir: Path | None, dl_dir: Path | None, fragments=
 
 
 def defconfig_path(defconfig: str) -> Path:
-    path = EXTERNAL_DIR / "configs" / defconfig
+    path = project.path("buildroot-external") / "configs" / defconfig
     if not path.is_file():
-        known = ", ".join(sorted(p.name for p in (EXTERNAL_DIR / "configs").glob("*_defconfig")))
+        known = ", ".join(sorted(p.name for p in (project.path("buildroot-external") / "configs").glob("*_defconfig")))
         raise BuildInputError(f"unknown defconfig {defconfig!r}; buildroot-external/configs has {known}")
     return path
 
@@ -311,6 +310,10 @@ def _buildroot_env(dl_dir: Path | None) -> dict:
         env.pop(var, None)
     if dl_dir is not None:
         env["BR2_DL_DIR"] = str(Path(dl_dir).resolve())
+    # for post-image.sh: where builder.manifest is imported from, and the commit it records (empty:
+    # an installed dirtylog, whose project files are not a git work tree of their own)
+    env["DIRTYLOG_PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    env["DIRTYLOG_GIT_COMMIT"] = project.git_commit() or ""
     return env
 
 
@@ -444,7 +447,7 @@ def build_with_buildroot(out: Path, defconfig: str = DEFAULT_DEFCONFIG, *, build
     log_file = build_dir / "dirtylog-build.log"
     log_file.write_text("")
     env = _buildroot_env(dl_dir)
-    common = ["-C", str(buildroot_dir), f"O={build_dir}", f"BR2_EXTERNAL={EXTERNAL_DIR}"]
+    common = ["-C", str(buildroot_dir), f"O={build_dir}", f"BR2_EXTERNAL={project.path('buildroot-external')}"]
 
     extra = []
     if toolchain == "host":
@@ -504,6 +507,7 @@ def build_with_buildroot(out: Path, defconfig: str = DEFAULT_DEFCONFIG, *, build
             {"path": str(Path(f).resolve()), "sha256": hashlib.sha256(t.encode()).hexdigest()}
             for f, t in zip(fragments, fragment_texts)]
     manifest.setdefault("sources", {}).setdefault("buildroot", {}).update(source, tested_version=BUILDROOT_VERSION)
+    manifest["sources"]["dirtylog_version"] = project.version()
     _publish(published, manifest, out)
     return manifest
 
@@ -525,7 +529,7 @@ def reproducer(out: Path, defconfig: str, *, toolchain: str, buildroot_dir: Path
     for f in fragments:
         words += ["--br2-fragment", str(Path(f).resolve())]
     words += ["--out", str(out)]
-    return shlex.join(words)
+    return shlex.join(words) + project.reproducer_note()
 
 
 def _publish(published: Path, manifest: dict, out: Path) -> None:

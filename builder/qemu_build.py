@@ -70,9 +70,8 @@ __all__ = [
     "refresh_qemu_lock",
 ]
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_QEMU_LOCK = Path(__file__).resolve().parent / "locks" / "qemu-sources.json"
-PATCH_ROOT = REPO_ROOT / "builder" / "patches"
+PATCH_ROOT = Path(__file__).resolve().parent / "patches"  # package data
 LOCK_SCHEMA = "dirtylog-qemu-sources/1"
 BUILD_SCHEMA = "dirtylog-qemu-build/1"
 # Bump when the recipe changes in a way the key would not otherwise see.

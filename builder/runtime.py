@@ -7,11 +7,12 @@ One small class per runtime behind one interface (as tuxmake does)::
 
 The container runtimes build an image from the top-level Dockerfile (on the local base image made
 by builder.baseimage), tagged by a hash of the Dockerfile and every project file copied into it, so
-it is reused while they are unchanged. One container runs per build: the repository mounted
-read-only at /src, the output directory's parent read-write at /out, the download cache at /cache;
+it is reused while they are unchanged. One container runs per build: the project mounted
+read-only at /src (a checkout as itself; an installed dirtylog as its packages and project files,
+builder.project.tree(), mounted one by one into the same layout), the output directory's parent read-write at /out, the download cache at /cache;
 `dirtylog build` is executed in it as the calling user's uid:gid, so the files belong to the caller.
-The code that runs is the mounted checkout (cwd /src, PYTHONPATH=/src: the manifest gets its git
-commit, and the dirtyram sources are compiled from /src/dirtyram-src, mapped to "." by the Makefile's
+The code that runs is the mounted project (cwd /src, PYTHONPATH=/src: a checkout's manifest gets its
+git commit, and the dirtyram sources are compiled from /src/dirtyram-src, mapped to "." by the Makefile's
 -ffile-prefix-map); the image's installed copy of the same files provides the toolchain and the
 Python dependencies, and since the tag is their hash the two never disagree.
 The builder inside stages its outputs next to the output directory and moves them in at the end, so
@@ -32,10 +33,9 @@ import uuid
 from pathlib import Path
 
 from builder.engine import DEFAULT_SOCKET, EngineError, docker_client, podman_socket  # noqa: F401 (re-exported)
+from builder import project
 from builder.errors import BuildError, BuildInputError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DOCKERFILE = REPO_ROOT / "Dockerfile"
 IMAGE_REPO = "dirtylog-builder"
 # What the Dockerfile copies into the image: the image tag is a hash of exactly these.
 IMAGE_INPUTS = ("pyproject.toml", "builder", "verifier", "dirtylog", "dirtyram-src")
@@ -48,19 +48,30 @@ _TAIL_LINES = 20
 def _context_files(dockerfile: Path) -> list[tuple[str, Path]]:
     """(name in the build context, file) for the Dockerfile and every file it copies, sorted."""
     files = [("Dockerfile", dockerfile)]
+    tree = project.tree()
     for top in IMAGE_INPUTS:
-        p = REPO_ROOT / top
+        p = tree[top]
         if p.is_file():
             files.append((top, p))
             continue
         for root, dirs, names in os.walk(p):
-            dirs[:] = sorted(d for d in dirs if d not in _SKIP_NAMES)
+            # an installed builder/ carries the project files too (builder/_project): not copied twice
+            dirs[:] = sorted(d for d in dirs if d not in _SKIP_NAMES
+                             and not (top == "builder" and Path(root) == p and d == project.PACKAGED_DIR))
             for n in sorted(names):
                 if n.endswith(_SKIP_SUFFIXES) or (top == "dirtyram-src" and n == "dirtyram"):
                     continue
                 f = Path(root) / n
-                files.append((str(f.relative_to(REPO_ROOT)), f))
+                files.append((f"{top}/{f.relative_to(p)}", f))
     return sorted(files)
+
+
+def source_mounts() -> dict[str, dict]:
+    """The docker volumes that show the project at /src: a checkout whole (its .git included, for the
+    manifest's commit), an installed dirtylog as each of its packages and project files."""
+    if project.is_checkout():
+        return {str(project.root()): {"bind": "/src", "mode": "ro"}}
+    return {str(path): {"bind": f"/src/{name}", "mode": "ro"} for name, path in project.tree().items()}
 
 
 def build_context(dockerfile: Path) -> tuple[bytes, str]:
@@ -106,7 +117,7 @@ class ContainerRuntime:
         self.base_url = base_url
         self.extra_buildargs = dict(buildargs or {})  # e.g. {"WITH_PYPI": "1"}; part of the image hash
         self.as_user = as_user  # (uid, gid) the build runs as; default: the caller's
-        self.dockerfile = Path(dockerfile) if dockerfile else DOCKERFILE
+        self._dockerfile = Path(dockerfile) if dockerfile else None
         self.apt_mirror = apt_mirror
         self.builder_uid = builder_uid
         self._client = client
@@ -117,10 +128,32 @@ class ContainerRuntime:
         return f"{type(self).__name__}({self.base_url or os.environ.get('DOCKER_HOST') or DEFAULT_SOCKET})"
 
     @property
+    def dockerfile(self) -> Path:
+        return self._dockerfile or project.path("Dockerfile")
+
+    @property
     def client(self):
         if self._client is None:
             self._client = docker_client(self.base_url, what=self.name)
         return self._client
+
+    def unusable(self) -> str | None:
+        """Why this runtime cannot build here (for --runtime auto), or None: its engine does not
+        answer, the Dockerfile is missing, or the base image is neither there nor can be made."""
+        from builder.baseimage import find_image
+        import shutil
+        try:
+            self.client  # noqa: B018
+            if not self.dockerfile.is_file():
+                return f"no Dockerfile at {self.dockerfile}"
+            if find_image(self.client, self.base_image) is None:
+                if shutil.which("debootstrap") is None:
+                    return f"its engine has no {self.base_image} image and debootstrap, which makes it, is not installed"
+                if os.geteuid() != 0:
+                    return f"its engine has no {self.base_image} image and making it with debootstrap needs root"
+        except BuildError as e:
+            return str(e)
+        return None
 
     def available(self) -> bool:
         try:
@@ -137,8 +170,7 @@ class ContainerRuntime:
         t0 = time.monotonic()
         self.last_image_built = False
         if not self.dockerfile.is_file():
-            raise BuildInputError(f"{self.name}: no Dockerfile at {self.dockerfile}; container builds run from "
-                                  f"a dirtylog source checkout")
+            raise BuildInputError(f"{self.name}: no Dockerfile at {self.dockerfile}")
         base_id = ensure_base_image(self.base_image, client=self.client, log=log)
         context, digest = build_context(self.dockerfile)
         buildargs = {"BASE_IMAGE": self.base_image, "BUILDER_UID": str(self.builder_uid),
@@ -201,7 +233,7 @@ class ContainerRuntime:
                 pass
         tag, image_id = self.ensure_image(log=log)
 
-        cmd = ["python3", "-m", "dirtylog.cli", "build", "--out", f"/out/{out.name}", "--cache-dir", "/cache"]
+        cmd = ["python3", "-m", "dirtylog.cli", "build", "--runtime", "host", "--out", f"/out/{out.name}", "--cache-dir", "/cache"]
         if arch != "armv7":
             cmd += ["--arch", arch]
         if offline:
@@ -223,7 +255,7 @@ class ContainerRuntime:
         return self._amend_manifest(out, {
             "runtime": self.name, "image_id": image_id, "image": tag,
             "reproducer": (f"dirtylog build --runtime {self.name}" + ("" if arch == "armv7" else f" --arch {arch}")
-                           + f" --out {shlex.quote(str(out))} --offline")})
+                           + f" --out {shlex.quote(str(out))} --offline" + project.reproducer_note())})
 
     def build_buildroot(self, out: Path, defconfig: str, *, buildroot_dir: Path | None = None,
                         buildroot_url: str | None = None, dl_dir: Path | None = None, offline: bool = False,
@@ -294,7 +326,7 @@ class ContainerRuntime:
 
     def _run_in_container(self, tag: str, cmd: list[str], cache: Path, volumes: dict, log,
                           killed_note: str = "", extra_env: dict | None = None) -> None:
-        """Run `cmd` in one fresh container of `tag` (checkout at /src read-only, cache at /cache),
+        """Run `cmd` in one fresh container of `tag` (the project at /src read-only, cache at /cache),
         as the calling user; map its exit status to typed errors; always remove the container."""
         import docker.errors
         uid, gid = self.as_user or (os.getuid(), os.getgid())
@@ -314,8 +346,7 @@ class ContainerRuntime:
                 tag, ["sleep", "infinity"], entrypoint=[], name=name, detach=True, auto_remove=False,
                 user=f"{uid}:{gid}", working_dir="/src", environment=env, init=True,
                 labels={"dirtylog.build": "1"},
-                volumes={str(REPO_ROOT): {"bind": "/src", "mode": "ro"},
-                         str(cache): {"bind": "/cache", "mode": "rw"}, **volumes})
+                volumes={**source_mounts(), str(cache): {"bind": "/cache", "mode": "rw"}, **volumes})
             log(f"{self.name}: container {name} ({tag}) running: {shlex.join(cmd)}")
             code, stderr_tail = self._exec(container, cmd, env, f"{uid}:{gid}", log)
             if code is None or code in (137, 143) or not self._running(container):
@@ -482,18 +513,23 @@ class HostRuntime:
 RUNTIMES = {"host": HostRuntime, "docker": DockerRuntime, "podman": PodmanRuntime}
 
 
-def get_runtime(name: str = "auto", log=lambda msg: None, **kw):
-    """The runtime called `name`; "auto" is docker, else podman, when its engine answers, else host.
+def get_runtime(name: str = "auto", log=lambda msg: None, warn=None, **kw):
+    """The runtime called `name`. "auto" is docker, else podman, if it can build here (its engine
+    answers, the Dockerfile is at hand, and the base image is there or can be made: debootstrap and
+    root), else host; `log` gets one line saying which, `warn` (default: log) why not a container.
 
     A named container runtime is connected right away, so a missing engine is an EngineError here.
     """
     if name == "auto":
+        why = []
         for cls in (DockerRuntime, PodmanRuntime):
             rt = cls(**kw)
-            if rt.available():
-                log(f"runtime: {rt.name} (auto: its engine answers)")
+            reason = rt.unusable()
+            if reason is None:
+                log(f"runtime: {rt.name} (auto: it can build here)")
                 return rt
-        log("runtime: host (auto: no docker or podman engine answers)")
+            why.append(reason if reason.startswith(f"{rt.name}: ") else f"{rt.name}: {reason}")
+        (warn or log)(f"runtime: host (auto: no container runtime can build here; {'; '.join(why)})")
         return HostRuntime()
     if name not in RUNTIMES:
         raise BuildInputError(f"unknown runtime {name!r}; choose one of: auto, {', '.join(RUNTIMES)}")

@@ -16,7 +16,7 @@ import click
 from dirtylog.cli_matrix import register as _register_matrix_commands
 from dirtylog.cli_stream import register as _register_stream_command
 
-from dirtylog.console import EXIT_DIFFERENCES, EXIT_INFRA, EXIT_PASS, Console, fail as _fail, run_main
+from dirtylog.console import EXIT_DIFFERENCES, EXIT_INFRA, EXIT_PASS, Console, fail as _fail, run_main, version
 
 class TableValue(click.ParamType):
     """A verify option's value, parsed by its kind in verifier.run.options (the one option table)."""
@@ -55,11 +55,18 @@ def table_option(o):
     return click.option(o.flag, o.name, **kw)
 
 
+def _print_version(ctx, param, value):
+    if value and not ctx.resilient_parsing:
+        click.echo(f"dirtylog {version()}")
+        ctx.exit()
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("-v", "--verbose", is_flag=True,
               help="Show QEMU command lines and QMP traffic (always kept in the run directory's qmp-*.log).")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the verdict.")
-@click.version_option(package_name="dirtylog")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Show dirtylog's version (from a checkout, with its git commit) and exit.")
 @click.pass_context
 def cli(ctx, verbose, quiet):
     """Verify that after a live migration the destination's guest RAM is exactly the source's."""
@@ -116,7 +123,7 @@ def _build(console, out, offline, mirror, cache_dir, arch, runtime, engine="debi
             raise click.BadParameter(f"the buildroot engine builds {', '.join(ARCH_DEFCONFIGS)}", param_hint="--arch")
         if buildroot_dir and buildroot_url:
             raise click.UsageError("--buildroot-url and --buildroot-dir exclude each other")
-        rt = get_runtime(runtime, log=console.detail)
+        rt = get_runtime(runtime, log=console.detail, warn=console.step)
         console.step(f"building {arch} guest artifacts from source with Buildroot into {out} (runtime: {rt.name})")
         manifest = rt.build_buildroot(out, ARCH_DEFCONFIGS[arch], buildroot_dir=buildroot_dir,
                                       buildroot_url=buildroot_url, dl_dir=dl_dir, offline=offline,
@@ -128,7 +135,7 @@ def _build(console, out, offline, mirror, cache_dir, arch, runtime, engine="debi
     if buildroot_dir or dl_dir or br2_fragments or buildroot_url:
         raise click.UsageError("--buildroot-dir, --buildroot-url, --dl-dir and --br2-fragment go with "
                                "--engine buildroot")
-    rt = get_runtime(runtime, log=console.detail)
+    rt = get_runtime(runtime, log=console.detail, warn=console.step)
     console.step(f"building {arch} guest artifacts into {out} (runtime: {rt.name})")
     manifest = rt.build(out, arch=arch, offline=offline, mirror=mirror, cache_dir=cache_dir, log=console.step)
     for entry in manifest["files"]:
@@ -148,7 +155,7 @@ def _build_patched_qemu(console, out, version, mirror, cache_dir, offline, runti
         qb = build_zoo_qemu(version, bug, Cache(cache_dir), mirror=mirror, offline=offline, log=console.step,
                             progress=sys.stderr.isatty())
     else:
-        rt = get_runtime(runtime, log=console.detail)
+        rt = get_runtime(runtime, log=console.detail, warn=console.step)
         if hasattr(rt, "build_qemu"):  # a container builds it into the shared cache; the host reuses it
             rt.build_qemu(version, cache_dir=cache_dir, mirror=mirror, offline=offline, log=console.step)
         qb = build_patched_qemu(version, Cache(cache_dir), mirror=mirror, offline=offline, log=console.step,
@@ -259,8 +266,9 @@ def _verify(console, artifacts, **kw):
 @click.option("--artifacts", type=click.Path(path_type=Path), default=Path("artifacts"), show_default=True,
               help="Directory made by `dirtylog build` (with manifest.json).")
 @click.option("--matrix", "matrix_file", type=click.Path(path_type=Path),
-              help="Run every scenario of this TOML matrix (matrices/, docs/report-schema.md) instead of one "
-                   "verification; scenario options then come from the file.")
+              help="Run every scenario of this TOML matrix (a file, or the name of one shipped with "
+                   "dirtylog, e.g. smoke; docs/report-schema.md) instead of one verification; scenario options "
+                   "then come from the file.")
 @click.option("--jobs", type=click.IntRange(1, 256), default=1, show_default=True,
               help="With --matrix: scenarios run at once (fewer if the host's cores or memory cannot hold them).")
 @click.option("--shard", metavar="I/N", help="With --matrix: run only shard I of N (deterministic, cost-balanced); "

@@ -87,8 +87,6 @@ def internal_error(exc: BaseException) -> None:
 
 
 def version() -> str:
-    from importlib.metadata import PackageNotFoundError, version as _v
-    try:
-        return _v("dirtylog")
-    except PackageNotFoundError:
-        return "(not installed)"
+    """'0.1.0 (git 1a2b3c4d5e6f)' from a checkout, '0.1.0 (installed)' from a wheel."""
+    from builder.project import describe
+    return describe()

@@ -28,6 +28,20 @@ def test_malformed_workload_is_a_usage_error(spec, tmp_path):
     assert "--workload" in _one_line_error(res, 2)
 
 
+def test_version_names_the_checkout_commit():
+    """From a git checkout `--version` names its commit (and local changes); an installed package
+    says so instead (tests/test_wheel.py)."""
+    import re
+    res = run_dirtylog("--version", cwd=REPO)
+    assert res.returncode == 0, res.stderr
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    if head.returncode != 0:
+        assert res.stdout.strip() == "dirtylog 0.1.0 (checkout without git)"
+        return
+    m = re.fullmatch(r"dirtylog 0\.1\.0 \(git ([0-9a-f]{12})(, with local changes)?\)", res.stdout.strip())
+    assert m and head.stdout.startswith(m.group(1)), res.stdout
+
+
 def test_missing_artifacts_directory_is_an_input_error(tmp_path):
     last = _one_line_error(run_dirtylog("verify", "--artifacts", tmp_path / "nope"), 2)
     assert "not found" in last

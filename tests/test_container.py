@@ -125,6 +125,24 @@ def test_engine_not_running_is_one_line_naming_the_socket(tmp_path, monkeypatch)
         assert get_runtime("auto").name == "host"
 
 
+def test_auto_uses_the_host_and_says_in_one_line_why_no_container_can_build(tmp_path):
+    """--runtime auto's one rule: a container runtime that cannot build here is passed over, with its
+    reason in the single line that announces the host."""
+    missing = tmp_path / "no-engine.sock"
+    said, logged = [], []
+    rt = get_runtime("auto", log=logged.append, warn=said.append, base_url=f"unix://{missing}")
+    assert rt.name == "host" and len(said) == 1 and "\n" not in said[0]
+    assert said[0].startswith("runtime: host (auto: no container runtime can build here; docker: ")
+    assert "; podman: " in said[0] and said[0].count(f"{missing} does not exist") == 2
+    assert "docker: docker:" not in said[0]
+
+
+def test_a_runtime_without_its_dockerfile_cannot_build(engine, tmp_path):
+    reason = DockerRuntime(dockerfile=tmp_path / "Dockerfile").unusable()
+    assert reason == f"no Dockerfile at {tmp_path / 'Dockerfile'}"
+    assert DockerRuntime().unusable() is None  # this machine's engine, with its base image
+
+
 def test_permission_denied_on_the_socket_is_one_line(engine):
     """A user outside the socket's group gets a one-line error naming the socket, not a traceback."""
     sock = Path("/var/run/docker.sock")

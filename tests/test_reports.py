@@ -230,7 +230,7 @@ def test_every_report_field_is_documented(matrix_report):
     from verifier.run.verify import VerifyOptions
     doc = (REPO / "docs" / "report-schema.md").read_text()
     documented = set(re.findall(r"`([a-z_0-9-]+)`", doc))
-    run_keys = {"schema", "verdict", "exit_code", "summary", "run_dir", "command", "started", "finished",
+    run_keys = {"schema", "verdict", "exit_code", "summary", "run_dir", "command", "dirtylog", "started", "finished",
                 "machine", "capture", "qemu", "options", "notes", "artifacts", "trials"}
     # RunReport.to_dict's keys: checked against the code's own output on a minimal report.
     rr = RunReport(run_dir=Path("/r"), started="s", options={}, artifacts={}, qemu={}, machine="virt",

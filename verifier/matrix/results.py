@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from verifier.fsutil import atomic_write
-from verifier.reports.report import now_utc
+from verifier.reports.report import dirtylog_info, now_utc
 
 from verifier.matrix.spec import MATRIX_SCHEMA, Matrix, Scenario
 
@@ -102,6 +102,7 @@ def build_report(matrix: Matrix | dict, results: list[dict], *, shard_spec, jobs
         "jobs": jobs,
         "host": host,
         "command": command,
+        "dirtylog": dirtylog_info(),
         "run_dir": str(run_dir) if run_dir else None,
         "started": started,
         "finished": now_utc(),

@@ -17,6 +17,12 @@ REPORT_SCHEMA = "dirtylog-report/1"
 MAX_RANGES_IN_TEXT = 40
 
 
+def dirtylog_info() -> dict:
+    """Which dirtylog wrote a report: its version and, run from a git checkout, the commit."""
+    from builder import project
+    return {"version": project.version(), "git_commit": project.git_commit()}
+
+
 @dataclass
 class TrialResult:
     index: int
@@ -188,6 +194,7 @@ class RunReport:
             "summary": self.summary(),
             "run_dir": str(self.run_dir),
             "command": self.command,
+            "dirtylog": dirtylog_info(),
             "started": self.started,
             "finished": self.finished,
             "machine": self.machine,

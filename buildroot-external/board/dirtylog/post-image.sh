@@ -82,7 +82,8 @@ for cc in "${HOST_DIR:-/nonexistent}"/bin/*-linux-*-gcc; do
 	compiler="$(basename "$cc") $("$cc" -dumpfullversion 2>/dev/null || "$cc" -dumpversion)"
 	break
 done
-git_commit=$(git -C "$repo" rev-parse HEAD 2>/dev/null || true)
+# dirtylog passes its commit (empty when installed); run by hand, the checkout's
+git_commit=${DIRTYLOG_GIT_COMMIT-$(git -C "$repo" rev-parse HEAD 2>/dev/null || true)}
 epoch=${SOURCE_DATE_EPOCH:-}
 br_version=${BR2_VERSION:-unknown}
 br_dir=$(pwd)  # Buildroot runs this script from its top directory
@@ -90,7 +91,7 @@ build_dir=$(dirname "$config")
 
 # The manifest itself is written by dirtylog's one manifest writer (builder/manifest.py, standard
 # library only); this script only gathers the facts.
-PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" python3 -m builder.manifest buildroot "$stage" \
+PYTHONPATH="${DIRTYLOG_PYTHONPATH:-$repo}${PYTHONPATH:+:$PYTHONPATH}" python3 -m builder.manifest buildroot "$stage" \
 	arch="$arch" machine="$machine" min_mem_mb="$min_mem_mb" reserved_mb="$reserved_mb" \
 	console="$console" workload_path="$workload_path" kernel_format="$kernel_format" \
 	kernel="$kernel" dtb="$dtb" initrd="$initrd" workload="$workload" \
