@@ -1,6 +1,7 @@
-"""dirtylog installed as a package, not run from a checkout (#21): an sdist made from the checkout's
-tracked files, a wheel made from that sdist (so the sdist is proven complete), installed with its
-dependencies into a fresh venv, and run from an empty directory that is no checkout. The installed
+"""dirtylog installed as a package, not run from a checkout (#21): the checkout's tracked files copied
+to a directory that is no git checkout; an sdist made there and a wheel made from that sdist (so the
+sdist is proven complete: its contents are checked); `pipx install .` in the copy, run from an empty
+directory. The installed
 `dirtylog build` makes byte-identical artifacts to the checkout's, in the host runtime and in a
 container (the project files the container needs travel in the wheel, builder/_project), the
 installed `dirtylog verify` passes with them, and `--version` says what is installed."""
@@ -62,13 +63,15 @@ def installed(tmp_path_factory) -> dict:
     _run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", dist, unpacked], base,
          timeout=600)  # in pip's isolated build environment, as a user's `pip install .` builds it
     (wheel,) = dist.glob("dirtylog-*.whl")
-    # 4. a fresh venv, the wheel and its dependencies from the package index
-    venv = base / "venv"
-    _run([sys.executable, "-m", "venv", venv], base)
-    _run([venv / "bin" / "python", "-m", "pip", "install", "--quiet", wheel], base, timeout=1200)
+    # 4. `pipx install .` in the copy (pipx builds its own wheel there, in pip's isolated build
+    # environment, and installs it with its dependencies from the package index into a fresh venv)
+    env = _clean_env()
+    env.update(PIPX_HOME=str(base / "pipx"), PIPX_BIN_DIR=str(base / "bin"), PIPX_MAN_DIR=str(base / "man"))
+    _run([sys.executable, "-m", "pipx", "install", "."], src, timeout=1200, env=env)
     empty = base / "empty"
     empty.mkdir()
-    return {"venv": venv, "dirtylog": venv / "bin" / "dirtylog", "wheel": wheel, "cwd": empty, "env": _clean_env()}
+    return {"venv": base / "pipx" / "venvs" / "dirtylog", "dirtylog": base / "bin" / "dirtylog", "wheel": wheel,
+            "cwd": empty, "env": _clean_env()}
 
 
 def _hashes(d: Path) -> dict[str, str]:
@@ -83,7 +86,10 @@ def test_the_wheel_carries_the_project_files(installed):
                  "builder/_project/dirtyram-src/Makefile", "builder/_project/dirtyram-src/dirtyram.c",
                  "builder/_project/matrices/smoke.toml",
                  "builder/_project/buildroot-external/board/dirtylog/post-image.sh",
-                 "builder/locks/bookworm-armhf.json", "dirtylog/cli.py", "verifier/run/trial.py"):
+                 "builder/locks/bookworm-armhf.json", "builder/patches/qemu-10.0/0001-savedirtylog.patch",
+                 "builder/patches/qemu-7.2/0001-savedirtylog.patch",
+                 "builder/patches/bugzoo-10.0/final-sync-skipped.patch",
+                 "dirtylog/cli.py", "verifier/run/trial.py"):
         assert need in names, need
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
 
@@ -153,11 +159,17 @@ def test_installed_docker_build_is_byte_identical(installed, artifacts, tmp_path
 @pytest.mark.e2e
 def test_installed_make_and_verify(installed, artifacts, tmp_path):
     """The main job from the wheel, with its defaults (the container runtime where it can build, QEMU
-    10.0 with -savedirtylog from the shared build cache): PASS, the checkout's artifacts."""
+    10.0 with -savedirtylog from the shared build cache): PASS, the checkout's artifacts, and the
+    QEMU the checkout would build (the build key hashes the installed patches and lock: the same)."""
+    from builder import qemu_build
     run_dir = tmp_path / "run"
     res = _run([installed["dirtylog"], "make-and-verify", "--out", tmp_path / "art", "--run-dir", run_dir],
                installed["cwd"], env=installed["env"], timeout=3600, check=False)
     assert res.returncode == 0, res.stdout + res.stderr
     assert _hashes(tmp_path / "art") == _hashes(artifacts)
+    qemu = json.loads((tmp_path / "art" / "manifest.json").read_text())["qemu"]
+    key, _ = qemu_build.cache_key(qemu_build.load_qemu_lock("10.0"), qemu_build.patch_files("10.0"),
+                                  qemu_build.configure_args("10.0"))
+    assert qemu["patched"] is True and key in qemu["path"], qemu
     report = json.loads((run_dir / "report.json").read_text())
     assert report["verdict"] == "pass" and report["dirtylog"]["git_commit"] is None
