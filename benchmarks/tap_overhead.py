@@ -1,7 +1,7 @@
 """What the migration tap (verifier.run.tap) costs: real migrations with and without it.
 
     .venv/bin/python benchmarks/tap_overhead.py [--qemu qemu-system-arm] [--mem 2048] [--repeat 3]
-        [--transport unix|tcp] [--modes precopy,multifd4] [--variants direct,tap,tap-copy,tap-record,tap-callback]
+        [--transport unix|tcp] [--modes precopy,multifd4] [--variants direct,tap,tap-copy,tap-record,tap-callback,streamtap]
 
 Each run starts a fresh pair of QEMUs (`-machine virt -S`, no kernel: the CPU never runs) whose
 source RAM is filled with random bytes by `-device loader` (so every page is sent in full, none
@@ -15,7 +15,11 @@ MiB/s, as dirtylog's throttled passes do. Variants:
 - tap: through the tap with nothing to look at (source->destination bytes move by os.splice);
 - tap-copy: through the tap, splice=False (recv_into a 1 MiB buffer + sendall);
 - tap-record: through the tap, recording every channel to a file;
-- tap-callback: through the tap with an on_data callback that only counts bytes.
+- tap-callback: through the tap with an on_data callback that only counts bytes;
+- streamtap: what `dirtylog verify` runs (verifier.run.streamtap.StreamTap): every chunk parsed and
+  every page record entered in the page ledger, by a parser thread behind the forwarding ones; the
+  wall time is the migration's, and `drain_s` how long the parser still needed after it
+  completed (the trial waits that long, the migration does not).
 
 Modes: precopy (one channel) and multifdN (N multifd channels). Variants are interleaved within
 each repeat so that drift of the host affects them alike; the ratio is median(variant) /
@@ -58,7 +62,7 @@ from verifier.run.tap import Tap  # noqa: E402
 RAM_BASE = 0x40000000
 LOAD_OFFSET = 2 << 20  # the dtb sits at the start of RAM when there is no kernel
 UNLIMITED = 100 * 1024 ** 3
-VARIANTS = ("direct", "tap", "tap-copy", "tap-record", "tap-callback")
+VARIANTS = ("direct", "tap", "tap-copy", "tap-record", "tap-callback", "streamtap")
 
 
 def guest_args(mem_mb: int, load: Path | None, incoming: bool) -> list[str]:
@@ -124,7 +128,12 @@ def one_run(qemu, work: Path, sock_dir: Path, data: Path, mem_mb: int, mode: str
         dst.qmp("migrate-incoming", uri=dst_uri)
         uri = dst_uri
         tap = None
-        if variant != "direct":
+        if variant == "streamtap":
+            from verifier.run.streamtap import StreamTap
+            tap = stack.enter_context(StreamTap(tap_uri, dst_uri, rundir, ram_block_bytes=mem_mb << 20,
+                                                page_size=4096))
+            uri = tap.listen_uri
+        elif variant != "direct":
             kwargs = {"tap": {}, "tap-copy": {"splice": False}, "tap-record": {"record": True},
                       "tap-callback": {"on_data": lambda ch, chunk: counted.__setitem__(0, counted[0] + len(chunk))}
                       }[variant]
@@ -143,7 +152,15 @@ def one_run(qemu, work: Path, sock_dir: Path, data: Path, mem_mb: int, mode: str
                   "transferred": (info.get("ram") or {}).get("transferred"),
                   # this process: the tap's threads (+ the QMP polling every run has)
                   "cpu_s": {k: round(b - a, 3) for k, a, b in zip(("src", "dst", "tap"), cpu0, cpu1)}}
-        if tap is not None:
+        if variant == "streamtap":
+            t1 = time.monotonic()
+            parsed = tap.close()
+            result["drain_s"] = round(time.monotonic() - t1, 3)
+            result["tap_channels"] = len(parsed["channels"])
+            result["tap_bytes"] = sum(c["bytes"] for c in parsed["channels"])
+            result["tap_error"] = "; ".join(parsed["errors"]) or None
+            result["ledger_pages_sent"] = parsed["ledger"].get("pages_sent")
+        elif tap is not None:
             summary = tap.close()
             result["tap_channels"] = len(summary.channels)
             result["tap_bytes"] = sum(c.bytes_to_destination for c in summary.channels)
@@ -207,7 +224,7 @@ def main() -> int:
                     cpu = r["cpu_s"]
                     print(f"  #{rep} {mode:9} {variant:13} {r['wall_s']:7.3f} s  QEMU total-time "
                           f"{r['qemu_total_ms']} ms  CPU s: src {cpu['src']:.2f} dst {cpu['dst']:.2f} "
-                          f"tap {cpu['tap']:.2f}  "
+                          f"tap {cpu['tap']:.2f}  " + (f"drain {r['drain_s']:.2f} s  " if "drain_s" in r else "") +
                           f"{('RAM equal' if r.get('ram_equal') else 'ok') if ok else 'FAILED: ' + json.dumps(r)}",
                           flush=True)
     finally:
